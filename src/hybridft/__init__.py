@@ -1,0 +1,23 @@
+"""hybridft: hybrid fine-tuning, zeroth-order on the base weights and first-order on a peft adapter."""
+
+from hybridft.optim import HybridOptimizer
+from hybridft.sampler import ReshufflingSampler
+from hybridft.split import Partition, split
+from hybridft.zo import ZOUpdate, direction, parameter_key, perturb_, projected_grad, replay_, step_seed, update_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HybridOptimizer",
+    "Partition",
+    "ReshufflingSampler",
+    "ZOUpdate",
+    "direction",
+    "parameter_key",
+    "perturb_",
+    "projected_grad",
+    "replay_",
+    "split",
+    "step_seed",
+    "update_",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from hybridft.cli import main
+
+sys.exit(main())
