@@ -59,8 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "train":
+            from transformers.utils import logging as hf_logging
+
             from hybridft.train import train
 
+            hf_logging.disable_progress_bar()  # per-file load/save bars; ours is the training bar
             config = config_from_args(args)
             config.validate()
             train(config, overwrite=args.overwrite)

@@ -19,6 +19,12 @@ def _minilm() -> str:
 
 PACKAGED = {"minilm": _minilm}
 
+# Modules of a packaged checkpoint that were never trained for classification and so belong
+# to the task head. all-MiniLM-L6-v2 was trained with mean pooling: its BERT pooler output is
+# nearly constant (feature std 0.036 on Rotten Tomatoes; a logistic probe on it reaches 0.63
+# dev accuracy against 0.71 on mean-pooled features), so the pooler is trained with the head.
+UNTRAINED_HEAD_MODULES = {"minilm": ["pooler"]}
+
 
 def resolve(name: str) -> str:
     """A packaged name becomes its directory; anything else is passed to ``from_pretrained``."""
@@ -61,5 +67,5 @@ def load_classifier(name: str, num_labels: int, *, trust_remote_code: bool = Fal
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    heads = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    heads = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]}) + UNTRAINED_HEAD_MODULES.get(name, [])
     return Loaded(model=model, tokenizer=tokenizer, head_modules=heads, path=path)

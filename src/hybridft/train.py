@@ -27,6 +27,8 @@ class Result:
     dev_accuracy_before: float
     dev_accuracy_after: float
     final_loss: float
+    model: torch.nn.Module
+    tokenizer: Any
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
@@ -64,14 +66,17 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     task = load_task(config.task, seed=config.seed)
     train_set = subsample(task.train, config.train_size, config.seed)
     dev_set = subsample(task.dev, config.dev_size, config.seed)
+    sampler = ReshufflingSampler(len(train_set), config.batch_size, seed=config.seed,
+                                 replacement=config.sampler == "replacement")
     loaded = load_classifier(config.model, task.num_labels, trust_remote_code=config.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     if USES_ADAPTER[config.method]:
         targets = config.target_modules
         if targets and targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]  # type: ignore[assignment]
+        extra = [m.strip() for m in (config.modules_to_save or "").split(",") if m.strip()]
         model = wrap(model, lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                        target_modules=targets, head_modules=loaded.head_modules))
+                                        target_modules=targets, head_modules=loaded.head_modules + extra))
     groups = assign(config.method, model)
     model.to(device)
 
@@ -84,8 +89,6 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     )
     schedule_names = [config.zo_schedule] + [config.fo_schedule] * (len(optimizer.param_groups) - 1)
     lr_scheduler = scheduler(optimizer, schedule_names, total_steps=steps, warmup_steps=config.warmup_steps)
-    sampler = ReshufflingSampler(len(train_set), config.batch_size, seed=config.seed,
-                                 replacement=config.sampler == "replacement")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(describe(config, groups, steps, len(train_set), len(dev_set)), indent=2))
@@ -130,7 +133,8 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     export.save(model, tokenizer, out, merged=config.save_merged)
     print(f"saved to {out}")
-    return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss)
+    return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
+                  model=model, tokenizer=tokenizer)
 
 
 def describe(config: TrainConfig, groups: Any, steps: int, n_train: int, n_dev: int) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""End to end: the CLI trains a tiny model, writes its outputs, and they load back in plain transformers + peft."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hybridft import export
+from hybridft.cli import main
+from hybridft.config import TrainConfig
+from hybridft.evaluate import encode
+from hybridft.tasks import load_task, subsample
+from hybridft.train import train
+
+TINY = ["--train-size", "64", "--dev-size", "32", "--batch-size", "8", "--steps", "3", "--no-progress"]
+
+
+def test_cli_trains_and_writes_every_output(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_bert_dir), "--output-dir", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "dev accuracy before training" in printed and "dev accuracy after 3 steps" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "hybrid" and config["resolved"]["steps"] == 3
+    assert config["resolved"]["zo_parameters"] > config["resolved"]["fo_parameters"] > 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert {"step", "epoch", "loss", "zo_lr", "fo_lr", "projected_grad", "seconds"} <= set(lines[0])
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert {"dev_accuracy_before", "dev_accuracy_after"} <= set(evaluation)
+    assert (out / "model" / "model.safetensors").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("method", ["hybrid", "zo-full"])
+def test_saved_model_reloads_with_same_predictions_and_keeps_zo_updates(tiny_bert_dir, tmp_path, method):
+    config = TrainConfig(model=str(tiny_bert_dir), method=method, train_size=64, dev_size=32, batch_size=8, steps=3,
+                         zo_lr=1e-3, progress=False, output_dir=str(tmp_path / method))
+    result = train(config)
+    reloaded = export.load(result.output_dir)
+    dev = subsample(load_task("rotten_tomatoes").dev, 32, 0)
+    batch = encode(result.tokenizer, dev, max_length=64, device=torch.device("cpu"))
+    batch.pop("labels")
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(result.model(**batch).logits, reloaded(**batch).logits, atol=1e-6)
+    # the base weights that ZO changed were saved, not the checkpoint's originals
+    from transformers import AutoModel
+
+    original = AutoModel.from_pretrained(tiny_bert_dir).state_dict()["encoder.layer.0.attention.self.query.weight"]
+    saved = reloaded.state_dict()
+    key = next(k for k in saved if k.endswith("encoder.layer.0.attention.self.query.base_layer.weight")
+               or k.endswith("encoder.layer.0.attention.self.query.weight"))
+    assert not torch.equal(saved[key], original)
+
+
+def test_same_seed_gives_bitwise_identical_runs(tiny_bert_dir, tmp_path):
+    def run(seed, name):
+        config = TrainConfig(model=str(tiny_bert_dir), train_size=64, dev_size=16, batch_size=8, steps=3, seed=seed,
+                             zo_lr=1e-3, progress=False, output_dir=str(tmp_path / name))
+        return {k: v.clone() for k, v in train(config).model.state_dict().items()}
+
+    a, b, c = run(0, "a"), run(0, "b"), run(1, "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k in c)
+
+
+def test_yaml_config_and_flags_override_it(tiny_bert_dir, tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"model: {tiny_bert_dir}\nmethod: fo-lora\nsteps: 5\nfo-lr: 0.2\n")
+    out = tmp_path / "yaml-run"
+    assert main(["train", "--config", str(yaml_file), "--steps", "2", "--output-dir", str(out), *TINY[:6], "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["method"], config["steps"], config["fo_lr"]) == ("fo-lora", 2, 0.2)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--zo-lr", "0"], "--zo-lr must be positive"),
+    (["--eps", "-1"], "--eps must be positive"),
+    (["--task", "nonsense"], "unknown task"),
+    (["--model", "/nonexistent/model"], "cannot load model"),
+    (["--batch-size", "1000"], "batch size 1000"),
+    (["--target-modules", "no_such_module"], "peft could not wrap"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_bert_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "bad"
+    args = ["train", "--model", str(tiny_bert_dir), "--output-dir", str(out), *TINY, *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_existing_run_is_not_overwritten_without_flag(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_bert_dir), "--output-dir", str(out), *TINY]
+    assert main(args) == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0
