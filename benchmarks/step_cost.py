@@ -120,7 +120,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for method, r in rows.items():
         a, na, b, nb = NEEDS[method]
-        passes = na * r[a] + nb * r[b]
+        passes = (na * r[a] if na else 0.0) + (nb * r[b] if nb else 0.0)
         needed = " + ".join(p for p in (f"{na} fwd+bwd" if na else "", f"{nb} fwd" if nb else "") if p)
         print(f"| {method} | {r['zo_params']:,} | {r['fo_params']:,} | {r['fwd']:.3f} | {r['fwdbwd']:.3f} | {r['step']:.3f} "
               f"| {needed} | {r['step'] / passes:.2f} | {r['peak_mib']:.0f} |")

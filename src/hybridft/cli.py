@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hybridft.train import train
 
             hf_logging.disable_progress_bar()  # per-file load/save bars; ours is the training bar
+            # raised inside peft's wrapping by transformers 5; not actionable for a user
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             config = config_from_args(args)
             config.validate()
             train(config, overwrite=args.overwrite)
