@@ -29,9 +29,6 @@ class Partition:
     adapter: dict[str, nn.Parameter]
     inactive: dict[str, nn.Parameter]
 
-    def numel(self, group: str) -> int:
-        return sum(p.numel() for p in getattr(self, group).values())
-
 
 def canonical_name(name: str) -> str:
     """The name a parameter has in the plain ``transformers`` model, without peft's wrapping:
