@@ -38,6 +38,11 @@ def total_steps(config: TrainConfig, n_train: int) -> int:
     return max(1, math.ceil(config.epochs * math.ceil(n_train / config.batch_size)))
 
 
+def names(comma_separated: str | None) -> list[str]:
+    """``"a, b,"`` -> ``["a", "b"]``: module names given as one flag value."""
+    return [n.strip() for n in (comma_separated or "").split(",") if n.strip()]
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,8 +78,8 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     if USES_ADAPTER[config.method]:
         targets = config.target_modules
         if targets and targets != "all-linear":
-            targets = [t.strip() for t in targets.split(",") if t.strip()]  # type: ignore[assignment]
-        extra = [m.strip() for m in (config.modules_to_save or "").split(",") if m.strip()]
+            targets = names(targets)  # type: ignore[assignment]
+        extra = names(config.modules_to_save)
         model = wrap(model, lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                         target_modules=targets, head_modules=loaded.head_modules + extra))
     groups = assign(config.method, model)
