@@ -1,10 +1,12 @@
-"""The training loop, top to bottom: data, model, method, optimizer, steps, evaluation, save."""
+"""The training loop, top to bottom: build a run (data, model, method, optimizer), then steps,
+evaluation and save."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,12 @@ from tqdm.auto import tqdm
 
 from hybridft import evaluate, export
 from hybridft.config import TrainConfig
-from hybridft.methods import USES_ADAPTER, assign, build_optimizer, lora_config, wrap
+from hybridft.methods import USES_ADAPTER, Groups, assign, build_optimizer, lora_config, wrap
 from hybridft.models import load_classifier
+from hybridft.optim import HybridOptimizer
 from hybridft.sampler import ReshufflingSampler
 from hybridft.schedules import scheduler
-from hybridft.tasks import load_task, subsample
+from hybridft.tasks import Example, load_task, subsample
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,31 @@ class Result:
     final_loss: float
     model: torch.nn.Module
     tokenizer: Any
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built from its config by :func:`build`."""
+
+    config: TrainConfig
+    train_set: list[Example]
+    dev_set: list[Example]
+    sampler: ReshufflingSampler
+    model: torch.nn.Module
+    tokenizer: Any
+    groups: Groups
+    optimizer: HybridOptimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps: int
+    device: torch.device
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        examples = [self.train_set[i] for i in indices]
+        return evaluate.encode(self.tokenizer, examples, max_length=self.config.max_length, device=self.device)
+
+    def dev_accuracy(self) -> float:
+        return evaluate.accuracy(self.model, self.tokenizer, self.dev_set, max_length=self.config.max_length,
+                                 batch_size=self.config.eval_batch_size, device=self.device)
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
@@ -59,10 +87,23 @@ def prepare_output_dir(config: TrainConfig, overwrite: bool) -> Path:
     return out
 
 
-def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
-    """Fine-tune ``config.model`` on ``config.task`` with ``config.method``; write the run to disk."""
+def build_model(config: TrainConfig, num_labels: int) -> tuple[torch.nn.Module, Any]:
+    """The model (wrapped with the LoRA adapter when the method uses one) and its tokenizer."""
+    loaded = load_classifier(config.model, num_labels, trust_remote_code=config.trust_remote_code)
+    if not USES_ADAPTER[config.method]:
+        return loaded.model, loaded.tokenizer
+    targets: list[str] | str | None = config.target_modules
+    if targets and targets != "all-linear":
+        targets = names(targets)
+    heads = loaded.head_modules + names(config.modules_to_save)
+    peft_config = lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                              target_modules=targets, head_modules=heads)
+    return wrap(loaded.model, peft_config), loaded.tokenizer
+
+
+def build(config: TrainConfig) -> Run:
+    """Data, model, parameter groups, optimizer and schedules of ``config``; nothing is written."""
     config.validate()
-    out = prepare_output_dir(config, overwrite)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
@@ -73,15 +114,7 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     dev_set = subsample(task.dev, config.dev_size, config.seed)
     sampler = ReshufflingSampler(len(train_set), config.batch_size, seed=config.seed,
                                  replacement=config.sampler == "replacement")
-    loaded = load_classifier(config.model, task.num_labels, trust_remote_code=config.trust_remote_code)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if USES_ADAPTER[config.method]:
-        targets = config.target_modules
-        if targets and targets != "all-linear":
-            targets = names(targets)  # type: ignore[assignment]
-        extra = names(config.modules_to_save)
-        model = wrap(model, lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                        target_modules=targets, head_modules=loaded.head_modules + extra))
+    model, tokenizer = build_model(config, task.num_labels)
     groups = assign(config.method, model)
     model.to(device)
 
@@ -94,60 +127,83 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     )
     schedule_names = [config.zo_schedule] + [config.fo_schedule] * (len(optimizer.param_groups) - 1)
     lr_scheduler = scheduler(optimizer, schedule_names, total_steps=steps, warmup_steps=config.warmup_steps)
+    return Run(config=config, train_set=train_set, dev_set=dev_set, sampler=sampler, model=model,
+               tokenizer=tokenizer, groups=groups, optimizer=optimizer, lr_scheduler=lr_scheduler,
+               steps=steps, device=device)
 
+
+def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The closure ``HybridOptimizer.step`` calls: the batch loss, with backward only when grad is
+    enabled (the FO evaluation). ZO evaluations run in eval mode, so +eps and -eps see the same
+    function (no dropout noise in the difference)."""
+
+    def closure() -> torch.Tensor:
+        model.train(torch.is_grad_enabled())
+        optimizer.zero_grad()
+        value = evaluate.loss(model, batch)
+        if torch.is_grad_enabled():
+            value.backward()
+        return value.detach()
+
+    return closure
+
+
+def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
+    """One optimizer step and one scheduler step on the mini-batch ``indices``; its metrics."""
+    lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
+    loss = float(run.optimizer.step(loss_closure(run.model, run.optimizer, run.batch(indices))))
+    run.lr_scheduler.step()
+    update = run.optimizer.last_update
+    return {
+        "step": step + 1, "epoch": run.sampler.epoch + run.sampler.position / len(run.sampler), "loss": loss,
+        "zo_lr": lrs["zo"] if run.groups.zo else None, "fo_lr": lrs.get("fo"),
+        "projected_grad": (sum(update.projected_grads) / len(update.projected_grads)) if update else None,
+    }
+
+
+def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
+    """Fine-tune ``config.model`` on ``config.task`` with ``config.method``; write the run to disk."""
+    config.validate()
+    out = prepare_output_dir(config, overwrite)
+    run = build(config)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(describe(config, groups, steps, len(train_set), len(dev_set)), indent=2))
-    eval_args = dict(max_length=config.max_length, batch_size=config.eval_batch_size, device=device)
-    before = evaluate.accuracy(model, tokenizer, dev_set, **eval_args)  # type: ignore[arg-type]
-    print(f"dev accuracy before training: {before:.4f} ({len(dev_set)} examples)")
+    (out / "config.json").write_text(json.dumps(describe(run), indent=2))
+    before = run.dev_accuracy()
+    print(f"dev accuracy before training: {before:.4f} ({len(run.dev_set)} examples)")
 
     start, loss = time.perf_counter(), float("nan")
-    bar = tqdm(total=steps, desc=f"{config.method} {config.task}", disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(total=run.steps, desc=f"{config.method} {config.task}", disable=not config.progress, dynamic_ncols=True)
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics:
-        for step, indices in zip(range(steps), sampler):
-            batch = evaluate.encode(tokenizer, [train_set[i] for i in indices], max_length=config.max_length, device=device)
-
-            def closure() -> torch.Tensor:
-                model.train(torch.is_grad_enabled())  # ZO evaluations: eval mode, same function at +eps and -eps
-                optimizer.zero_grad()
-                value = evaluate.loss(model, batch)
-                if torch.is_grad_enabled():
-                    value.backward()
-                return value.detach()
-
-            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            loss = float(optimizer.step(closure))
-            lr_scheduler.step()
-            update = optimizer.last_update
-            record = {
-                "step": step + 1, "epoch": sampler.epoch + sampler.position / len(sampler), "loss": loss,
-                "zo_lr": lrs["zo"] if groups.zo else None, "fo_lr": lrs.get("fo"),
-                "projected_grad": (sum(update.projected_grads) / len(update.projected_grads)) if update else None,
-                "seconds": time.perf_counter() - start,
-            }
+        for step, indices in zip(range(run.steps), run.sampler):
+            record = train_step(run, step, indices)
+            record["seconds"] = time.perf_counter() - start
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", zo_lr=f"{lrs['zo']:.1e}", fo_lr=f"{lrs.get('fo', 0):.1e}", refresh=False)
+            loss = record["loss"]
+            bar.set_postfix(loss=f"{loss:.4f}", zo_lr=f"{record['zo_lr'] or 0:.1e}",
+                            fo_lr=f"{record['fo_lr'] or 0:.1e}", refresh=False)
             bar.update()
     bar.close()
 
-    after = evaluate.accuracy(model, tokenizer, dev_set, **eval_args)  # type: ignore[arg-type]
-    print(f"dev accuracy after {steps} steps: {after:.4f}")
-    result = {"dev_accuracy_before": before, "dev_accuracy_after": after, "dev_size": len(dev_set),
-              "steps": steps, "final_loss": loss, "train_seconds": time.perf_counter() - start}
+    after = run.dev_accuracy()
+    print(f"dev accuracy after {run.steps} steps: {after:.4f}")
+    result = {"dev_accuracy_before": before, "dev_accuracy_after": after, "dev_size": len(run.dev_set),
+              "steps": run.steps, "final_loss": loss, "train_seconds": time.perf_counter() - start}
     (out / "eval.json").write_text(json.dumps(result, indent=2))
-    export.save(model, tokenizer, out, merged=config.save_merged)
+    export.save(run.model, run.tokenizer, out, merged=config.save_merged)
     print(f"saved to {out}")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
-                  model=model, tokenizer=tokenizer)
+                  model=run.model, tokenizer=run.tokenizer)
 
 
-def describe(config: TrainConfig, groups: Any, steps: int, n_train: int, n_dev: int) -> dict[str, Any]:
+def describe(run: Run) -> dict[str, Any]:
     """The resolved config plus what it resolved to (sizes, step count, trained parameters)."""
+    groups = run.groups
     return {
-        **config.to_dict(),
+        **run.config.to_dict(),
         "resolved": {
-            "steps": steps, "train_examples": n_train, "dev_examples": n_dev,
+            "steps": run.steps, "train_examples": len(run.train_set), "dev_examples": len(run.dev_set),
             "zo_parameters": sum(p.numel() for p in groups.zo.values()),
             "fo_parameters": sum(p.numel() for p in groups.fo.values()),
             "frozen_parameters": sum(p.numel() for p in groups.frozen.values()),
