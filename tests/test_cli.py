@@ -19,7 +19,7 @@ TINY = ["--train-size", "64", "--dev-size", "32", "--batch-size", "8", "--steps"
 
 def test_cli_trains_and_writes_every_output(tiny_bert_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert_dir), "--output-dir", str(out), *TINY]) == 0
+    assert main(["train", "--model", str(tiny_bert_dir), "--output-dir", str(out), "--eval-every", "2", *TINY]) == 0
     printed = capsys.readouterr().out
     assert "dev accuracy before training" in printed and "dev accuracy after 3 steps" in printed
     config = json.loads((out / "config.json").read_text())
@@ -28,8 +28,10 @@ def test_cli_trains_and_writes_every_output(tiny_bert_dir, tmp_path, capsys):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert {"step", "epoch", "loss", "zo_lr", "fo_lr", "projected_grad", "seconds"} <= set(lines[0])
+    assert ["dev_accuracy" in r for r in lines] == [False, True, False]  # every 2 steps; the last is eval.json's
     evaluation = json.loads((out / "eval.json").read_text())
     assert {"dev_accuracy_before", "dev_accuracy_after"} <= set(evaluation)
+    assert 0 <= lines[1]["dev_accuracy"] <= 1 and evaluation["peak_memory_mib"] > 0
     assert (out / "model" / "model.safetensors").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
 

@@ -52,6 +52,7 @@ class TrainConfig:
     train_size: int | None = _f(None, "subsample the training split to this many examples")
     dev_size: int | None = _f(1000, "subsample the dev split to this many examples")
     eval_batch_size: int = _f(64, "examples per evaluation forward")
+    eval_every: int = _f(0, "also measure dev accuracy every this many steps (0: only before and after)")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     device: str = _f("auto", "cpu, cuda, or auto")
     output_dir: str | None = _f(None, "where to write the run (default: runs/<time>-<method>)")
@@ -73,6 +74,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "lora_r", "num_directions", "max_length", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be 0 or positive, got {self.eval_every}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
         for f in dataclasses.fields(self):

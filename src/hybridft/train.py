@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,12 +173,16 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     before = run.dev_accuracy()
     print(f"dev accuracy before training: {before:.4f} ({len(run.dev_set)} examples)")
 
-    start, loss = time.perf_counter(), float("nan")
+    start, eval_seconds, loss = time.perf_counter(), 0.0, float("nan")
     bar = tqdm(total=run.steps, desc=f"{config.method} {config.task}", disable=not config.progress, dynamic_ncols=True)
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics:
         for step, indices in zip(range(run.steps), run.sampler):
             record = train_step(run, step, indices)
-            record["seconds"] = time.perf_counter() - start
+            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < run.steps:
+                tick = time.perf_counter()
+                record["dev_accuracy"] = run.dev_accuracy()
+                eval_seconds += time.perf_counter() - tick
+            record["seconds"] = time.perf_counter() - start - eval_seconds  # training time only
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             loss = record["loss"]
@@ -189,12 +194,20 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     after = run.dev_accuracy()
     print(f"dev accuracy after {run.steps} steps: {after:.4f}")
     result = {"dev_accuracy_before": before, "dev_accuracy_after": after, "dev_size": len(run.dev_set),
-              "steps": run.steps, "final_loss": loss, "train_seconds": time.perf_counter() - start}
+              "steps": run.steps, "final_loss": loss, "train_seconds": time.perf_counter() - start - eval_seconds,
+              "peak_memory_mib": peak_memory_mib(run.device)}
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     export.save(run.model, run.tokenizer, out, merged=config.save_merged)
     print(f"saved to {out}")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
                   model=run.model, tokenizer=run.tokenizer)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: CUDA max allocated, or on CPU the process's peak RSS (model load included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def describe(run: Run) -> dict[str, Any]:
