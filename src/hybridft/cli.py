@@ -50,7 +50,21 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a model (with no flags: MiniLM + LoRA on Rotten Tomatoes, offline)")
     add_config_flags(train)
     train.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a run")
+    bench = commands.add_parser("bench", help="run a grid of models x tasks x methods x seeds (resumes where it stopped)")
+    bench.add_argument("--config", metavar="FILE.yaml", required=True, help="the bench grid (see README: Benchmarks)")
+    bench.add_argument("--output-dir", help="where the bench lives (overrides the file's output_dir)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    plot = commands.add_parser("plot", help="redraw the plots of a bench directory or a training run")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
     return root
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars; ours is the training bar
+    # raised inside peft's wrapping by transformers 5; not actionable for a user
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,16 +74,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "train":
-            from transformers.utils import logging as hf_logging
-
             from hybridft.train import train
 
-            hf_logging.disable_progress_bar()  # per-file load/save bars; ours is the training bar
-            # raised inside peft's wrapping by transformers 5; not actionable for a user
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            quiet_transformers()
             config = config_from_args(args)
             config.validate()
             train(config, overwrite=args.overwrite)
+        elif args.command == "bench":
+            from hybridft.bench import load_bench, run_bench
+
+            root = run_bench(load_bench(args.config, args.output_dir), progress=not args.no_progress)
+            print(f"results: {root / 'results.md'}, plots: {root / 'plots'}")
+        elif args.command == "plot":
+            from hybridft.plots import plot
+
+            for path in plot(args.run_dir):
+                print(path)
     except (ValueError, FileNotFoundError) as error:
         print(f"hybridft: error: {error}", file=sys.stderr)
         return 2

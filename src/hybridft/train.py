@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hybridft import evaluate, export
+from hybridft import evaluate, export, plots
 from hybridft.config import TrainConfig
 from hybridft.methods import USES_ADAPTER, Groups, assign, build_optimizer, lora_config, wrap
 from hybridft.models import load_classifier
@@ -198,7 +198,8 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
               "peak_memory_mib": peak_memory_mib(run.device)}
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     export.save(run.model, run.tokenizer, out, merged=config.save_merged)
-    print(f"saved to {out}")
+    plots.plot_run(out)
+    print(f"saved to {out} (plot: {out / 'loss.png'})")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
                   model=run.model, tokenizer=run.tokenizer)
 
