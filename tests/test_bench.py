@@ -19,7 +19,7 @@ def bench_file(tiny_bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     spec = {
         "output_dir": str(root / "out"), "models": [str(tiny_bert_dir)], "tasks": ["rotten_tomatoes"],
-        "methods": ["hybrid", "fo-lora"], "seeds": [0, 1],
+        "methods": ["hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora"], "seeds": [0, 1], "isolate": False,
         "train": {"train-size": 32, "dev-size": 16, "batch-size": 8, "steps": 4, "eval-every": 2, "threads": 1},
         "lr_grid": {"hybrid": {"zo-lr": [1e-3, 1e-2]}},
     }
@@ -39,7 +39,7 @@ def test_grid_runs_every_cell_and_picks_the_best_point_on_dev(finished):
     grid = [Cell(bench.models[0], "rotten_tomatoes", "hybrid", 0, lrs) for lrs in lr_points(bench, "hybrid")]
     scores = [json.loads((root / "cells" / c.name / "eval.json").read_text())["dev_accuracy_after"] for c in grid]
     ran = list(cells(bench, root))
-    assert len(ran) == 2 + 1 + 1 + 1  # hybrid: 2 grid points + seed 1; fo-lora: 1 point + seed 1
+    assert len(ran) == 2 + 1 + 4 * 2  # hybrid: 2 grid points + seed 1; the others: 1 point + seed 1
     chosen = next(c for c in ran if c.method == "hybrid" and c.seed == 1).lrs
     assert chosen == grid[scores.index(max(scores))].lrs
     assert all((root / "cells" / c.name / "eval.json").exists() for c in ran)
@@ -48,7 +48,7 @@ def test_grid_runs_every_cell_and_picks_the_best_point_on_dev(finished):
 def test_summary_and_plots_are_written(finished):
     _, root = finished
     rows = {r["method"]: r for r in json.loads((root / "results.json").read_text())}
-    assert set(rows) == {"hybrid", "fo-lora"} and all(r["seeds"] == 2 for r in rows.values())
+    assert set(rows) == {"hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora"} and all(r["seeds"] == 2 for r in rows.values())
     assert rows["fo-lora"]["zo_parameters"] == 0 < rows["hybrid"]["zo_parameters"]
     assert rows["fo-lora"]["steps_ratio"] in (None, 1.0)
     assert "| hybrid |" in (root / "results.md").read_text()
@@ -80,6 +80,16 @@ def test_plot_command_redraws_bench_and_run(finished, capsys):
     run_dir = next((root / "cells").glob("**/eval.json")).parent
     assert main(["plot", str(run_dir)]) == 0 and (run_dir / "loss.png").exists()
     assert main(["plot", str(root / "cells")]) == 2
+
+
+def test_isolated_cell_runs_in_its_own_process(bench_file, tmp_path):
+    spec = yaml.safe_load(bench_file.read_text())
+    spec.update(output_dir=str(tmp_path / "iso"), methods=["fo-lora"], seeds=[0], isolate=True, lr_grid={})
+    path = tmp_path / "iso.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    root = run_bench(load_bench(path), progress=False)
+    row = json.loads((root / "results.json").read_text())[0]
+    assert row["method"] == "fo-lora" and row["peak_memory_mib"] > 0
 
 
 def test_unknown_bench_fields_are_one_line_errors(tmp_path, capsys):

@@ -34,6 +34,7 @@ def test_cli_trains_and_writes_every_output(tiny_bert_dir, tmp_path, capsys):
     assert 0 <= lines[1]["dev_accuracy"] <= 1 and evaluation["peak_memory_mib"] > 0
     assert (out / "model" / "model.safetensors").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    assert (out / "loss.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("method", ["hybrid", "zo-full"])

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from hybridft.config import METHODS, TrainConfig
 
 LR_FIELDS = ("zo_lr", "fo_lr")
+PLOT_EVERY_SECONDS = 120  # results are rewritten after every cell, plots at most this often (and at the end)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class BenchConfig:
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
     lr_grid: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    isolate: bool = True  # each cell in a fresh process (peak memory per cell); False: in this process
 
     def validate(self) -> None:
         if not (self.models and self.tasks and self.methods and self.seeds):
@@ -126,7 +128,8 @@ def lr_points(bench: BenchConfig, method: str) -> list[tuple[tuple[str, float], 
 def cell_config(bench: BenchConfig, cell: Cell, root: Path) -> TrainConfig:
     values = {**bench.train, **bench.per_model.get(cell.model, {}), **bench.per_task.get(cell.task, {}), **dict(cell.lrs)}
     return TrainConfig(**{**values, "model": cell.model, "task": cell.task, "method": cell.method, "seed": cell.seed,
-                          "output_dir": str(root / "cells" / cell.name), "progress": False})
+                          "output_dir": str(root / "cells" / cell.name), "progress": False,
+                          "plot": False})  # the bench draws its own figures
 
 
 def cell_result(bench: BenchConfig, cell: Cell, root: Path) -> dict[str, Any] | None:
@@ -168,11 +171,31 @@ def run_cell(bench: BenchConfig, cell: Cell, root: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "cell.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     with open(out / "log.txt", "w", encoding="utf-8") as log:
-        done = subprocess.run([sys.executable, "-m", "hybridft", "train", "--config", str(out / "cell.yaml"), "--overwrite"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+        if bench.isolate:
+            command = [sys.executable, "-m", "hybridft", "train", "--config", str(out / "cell.yaml"), "--overwrite"]
+            failed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0
+        else:
+            failed = not _train_here(config, log)
+    if failed:
         tail = (out / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"cell {cell.name} failed (exit {done.returncode}): {tail[0]} (log: {out / 'log.txt'})")
+        raise RuntimeError(f"cell {cell.name} failed: {tail[0]} (log: {out / 'log.txt'})")
+
+
+def _train_here(config: TrainConfig, log: Any) -> bool:
+    """Train in this process, printing into ``log``; False (with the error logged) if it raised."""
+    import contextlib
+    import traceback
+
+    from hybridft.train import train
+
+    with contextlib.redirect_stdout(log):
+        try:
+            train(config, overwrite=True)
+        except Exception as error:  # noqa: BLE001 - reported to the caller through the log, never swallowed
+            traceback.print_exc(file=log)
+            print(f"{type(error).__name__}: {error}", file=log)
+            return False
+    return True
 
 
 def check_same_bench(bench: BenchConfig, root: Path) -> None:
@@ -195,7 +218,7 @@ def run_bench(bench: BenchConfig, *, progress: bool = True) -> Path:
 
     root = Path(bench.output_dir)
     check_same_bench(bench, root)
-    finished = len(list((root / "cells").glob("**/eval.json")))
+    finished, drawn = len(list((root / "cells").glob("**/eval.json"))), time.perf_counter()
     # finished cells count as done from the start, so the ETA is the rate of cells run now
     bar = tqdm(total=count(bench), initial=finished, desc="bench", unit="cell", disable=not progress, dynamic_ncols=True)
     for cell in cells(bench, root):
@@ -204,7 +227,9 @@ def run_bench(bench: BenchConfig, *, progress: bool = True) -> Path:
         bar.set_postfix_str(cell.name, refresh=True)
         start = time.perf_counter()
         run_cell(bench, cell, root)
-        write_report(bench, root)
+        redraw = time.perf_counter() - drawn > PLOT_EVERY_SECONDS
+        write_report(bench, root, plots=redraw)
+        drawn = time.perf_counter() if redraw else drawn
         accuracy = cell_result(bench, cell, root)["dev_accuracy_after"]  # type: ignore[index]
         bar.write(f"{cell.name}: {accuracy:.4f} dev accuracy ({time.perf_counter() - start:.0f} s)")
         bar.update()

@@ -59,6 +59,7 @@ class TrainConfig:
     save_merged: bool = _f(False, "also save the model with the adapter merged in (plain transformers load)")
     trust_remote_code: bool = _f(False, "allow model code from the hub to run")
     progress: bool = _f(True, "show a progress bar")
+    plot: bool = _f(True, "draw loss.png (loss and dev accuracy against steps) at the end")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

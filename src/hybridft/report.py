@@ -97,21 +97,23 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "| model | task | method | lrs (zo / fo) | accuracy | split | seeds | steps to target | ratio | reached | seconds | peak MiB | ZO params | FO params |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lrs = r["learning_rates"]
+        zo = f"{r['learning_rates']['zo_lr']:g}" if r["zo_parameters"] else "–"
+        fo = f"{r['learning_rates']['fo_lr']:g}" if r["fo_parameters"] else "–"
         lines.append(
-            f"| {slug(r['model'])} | {r['task']} | {r['method']} | {lrs['zo_lr']:g} / {lrs['fo_lr']:g} "
+            f"| {slug(r['model'])} | {r['task']} | {r['method']} | {zo} / {fo} "
             f"| {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} | {r['split']} | {r['seeds']} "
             f"| {number(r['steps_to_target'], '.0f')} | {number(r['steps_ratio'], '.2f')} | {r['reached_target']} "
             f"| {r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} | {r['zo_parameters']:,} | {r['fo_parameters']:,} |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(bench: BenchConfig, root: Path) -> list[dict[str, Any]]:
-    """Rewrite results.json, results.md and the plots of ``root`` from what has finished."""
+def write_report(bench: BenchConfig, root: Path, *, plots: bool = True) -> list[dict[str, Any]]:
+    """Rewrite results.json, results.md and (with ``plots``) the plots of ``root`` from what has finished."""
     from hybridft.plots import plot_bench
 
     rows = summarize(bench, root)
     (root / "results.json").write_text(json.dumps(rows, indent=2))
     (root / "results.md").write_text(markdown(rows))
-    plot_bench(bench, root, rows)
+    if plots:
+        plot_bench(bench, root, rows)
     return rows

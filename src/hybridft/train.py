@@ -198,8 +198,9 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
               "peak_memory_mib": peak_memory_mib(run.device)}
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     export.save(run.model, run.tokenizer, out, merged=config.save_merged)
-    plots.plot_run(out)
-    print(f"saved to {out} (plot: {out / 'loss.png'})")
+    print(f"saved to {out}")
+    if config.plot:
+        print(f"plot: {plots.plot_run(out)}")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
                   model=run.model, tokenizer=run.tokenizer)
 
