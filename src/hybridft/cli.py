@@ -74,12 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "train":
+            from hybridft import distributed
             from hybridft.train import train
 
             quiet_transformers()
             config = config_from_args(args)
             config.validate()
-            train(config, overwrite=args.overwrite)
+            try:
+                train(config, overwrite=args.overwrite)
+            finally:
+                distributed.shutdown()
         elif args.command == "bench":
             from hybridft.bench import load_bench, run_bench
 

@@ -23,6 +23,7 @@ gives each its own schedule).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -108,9 +109,15 @@ class HybridOptimizer(torch.optim.Optimizer):
                           lr=group["lr"], weight_decay=group["weight_decay"], distribution=group["distribution"])
         return update, sum(losses) / len(losses)
 
-    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, *,  # type: ignore[override]
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """One hybrid step on the closure's batch; returns the loss at (theta, phi)
-        (for a ZO-only step, the mean of the perturbed losses)."""
+        (for a ZO-only step, the mean of the perturbed losses).
+
+        ``reduce`` (data parallelism, see ``distributed.py``) is called once, after every
+        evaluation and before any update, with this process's step scalars as a float64 tensor
+        [g_1, .., g_q, loss] (no g without a ZO set) and returns their values over all ranks;
+        it may average the FO gradients in the same collective."""
         if closure is None:
             raise ValueError("HybridOptimizer.step needs a closure that recomputes the loss")
         loss: torch.Tensor | None = None
@@ -122,6 +129,9 @@ class HybridOptimizer(torch.optim.Optimizer):
             # After the ZO evaluations, so that no closure call can zero these gradients.
             with torch.enable_grad():
                 loss = closure()
+        assert loss is not None
+        if reduce is not None:
+            update, loss = self._reduced(update, loss, reduce)
         if update is not None:
             for p, key in self.keys.items():
                 update_(p, key=key, update=update)
@@ -129,8 +139,16 @@ class HybridOptimizer(torch.optim.Optimizer):
             self.fo_optimizer.step()
         self.last_update = update
         self.num_steps += 1
-        assert loss is not None
         return loss
+
+    @staticmethod
+    def _reduced(update: ZOUpdate | None, loss: torch.Tensor,
+                 reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[ZOUpdate | None, torch.Tensor]:
+        grads = update.projected_grads if update is not None else ()
+        *reduced, mean_loss = reduce(torch.tensor([*grads, float(loss)], dtype=torch.float64)).tolist()
+        if update is not None:
+            update = dataclasses.replace(update, projected_grads=tuple(reduced))
+        return update, torch.tensor(mean_loss, dtype=loss.dtype)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.fo_optimizer is not None:

@@ -3,6 +3,7 @@ evaluation and save."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hybridft import evaluate, export, plots
+from hybridft import distributed, evaluate, export, plots
 from hybridft.config import TrainConfig
 from hybridft.methods import USES_ADAPTER, Groups, assign, build_optimizer, lora_config, wrap
 from hybridft.models import load_classifier
@@ -50,21 +51,29 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     steps: int
     device: torch.device
+    data_parallel: distributed.DataParallel | None = None  # None: a single process
+
+    @property
+    def world(self) -> distributed.World:
+        return self.data_parallel.world if self.data_parallel else distributed.World()
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.train_set[i] for i in indices]
         return evaluate.encode(self.tokenizer, examples, max_length=self.config.max_length, device=self.device)
 
     def dev_accuracy(self) -> float:
-        return evaluate.accuracy(self.model, self.tokenizer, self.dev_set, max_length=self.config.max_length,
-                                 batch_size=self.config.eval_batch_size, device=self.device)
+        """Accuracy on the dev set; with several ranks each evaluates its slice."""
+        examples = self.dev_set[self.world.rank :: self.world.size]
+        accuracy = evaluate.accuracy(self.model, self.tokenizer, examples, max_length=self.config.max_length,
+                                     batch_size=self.config.eval_batch_size, device=self.device) if examples else 0.0
+        return self.data_parallel.mean(accuracy, len(examples)) if self.data_parallel else accuracy
 
 
-def total_steps(config: TrainConfig, n_train: int) -> int:
-    """--steps, or --epochs worth of mini-batches when epochs are given."""
+def total_steps(config: TrainConfig, n_train: int, ranks: int = 1) -> int:
+    """--steps, or --epochs worth of mini-batches (of ``ranks`` x --batch-size) when epochs are given."""
     if config.epochs is None:
         return config.steps
-    return max(1, math.ceil(config.epochs * math.ceil(n_train / config.batch_size)))
+    return max(1, math.ceil(config.epochs * math.ceil(n_train / (config.batch_size * ranks))))
 
 
 def names(comma_separated: str | None) -> list[str]:
@@ -107,19 +116,19 @@ def build(config: TrainConfig) -> Run:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    world, device = distributed.init(pick_device(config.device))
     torch.manual_seed(config.seed)  # head initialisation and dropout; ZO directions never use it
 
     task = load_task(config.task, seed=config.seed)
     train_set = subsample(task.train, config.train_size, config.seed)
     dev_set = subsample(task.dev, config.dev_size, config.seed)
-    sampler = ReshufflingSampler(len(train_set), config.batch_size, seed=config.seed,
-                                 replacement=config.sampler == "replacement")
+    sampler = distributed.shard_sampler(len(train_set), config.batch_size, world, seed=config.seed,
+                                        replacement=config.sampler == "replacement")
     model, tokenizer = build_model(config, task.num_labels)
     groups = assign(config.method, model)
     model.to(device)
 
-    steps = total_steps(config, len(train_set))
+    steps = total_steps(config, len(train_set), world.size)
     optimizer = build_optimizer(
         model, groups, zo_lr=config.zo_lr, fo_lr=config.fo_lr, eps=config.eps, seed=config.seed,
         fo_optimizer=config.fo_optimizer, fo_momentum=config.fo_momentum,
@@ -130,7 +139,7 @@ def build(config: TrainConfig) -> Run:
     lr_scheduler = scheduler(optimizer, schedule_names, total_steps=steps, warmup_steps=config.warmup_steps)
     return Run(config=config, train_set=train_set, dev_set=dev_set, sampler=sampler, model=model,
                tokenizer=tokenizer, groups=groups, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               steps=steps, device=device)
+               steps=steps, device=device, data_parallel=distributed.data_parallel(world, device, model, groups.fo))
 
 
 def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -151,15 +160,20 @@ def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
-    """One optimizer step and one scheduler step on the mini-batch ``indices``; its metrics."""
+    """One optimizer step and one scheduler step on the mini-batch ``indices`` (this rank's slice
+    of it, with several ranks); its metrics."""
     lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
-    loss = float(run.optimizer.step(loss_closure(run.model, run.optimizer, run.batch(indices))))
+    parallel = run.data_parallel
+    sent = dict(parallel.sent) if parallel else {}
+    reduce = parallel.reducer(len(indices)) if parallel else None
+    loss = float(run.optimizer.step(loss_closure(run.model, run.optimizer, run.batch(indices)), reduce=reduce))
     run.lr_scheduler.step()
     update = run.optimizer.last_update
     return {
         "step": step + 1, "epoch": run.sampler.epoch + run.sampler.position / len(run.sampler), "loss": loss,
         "zo_lr": lrs["zo"] if run.groups.zo else None, "fo_lr": lrs.get("fo"),
         "projected_grad": (sum(update.projected_grads) / len(update.projected_grads)) if update else None,
+        **{f"sent_bytes_{part}": parallel.sent[part] - sent[part] for part in sent if parallel},
     }
 
 
@@ -168,14 +182,18 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     config.validate()
     out = prepare_output_dir(config, overwrite)
     run = build(config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(describe(run), indent=2))
+    main = run.world.main  # only rank 0 prints and writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(describe(run), indent=2))
     before = run.dev_accuracy()
-    print(f"dev accuracy before training: {before:.4f} ({len(run.dev_set)} examples)")
+    say = print if main else lambda *_: None
+    say(f"dev accuracy before training: {before:.4f} ({len(run.dev_set)} examples)")
 
     start, eval_seconds, loss = time.perf_counter(), 0.0, float("nan")
-    bar = tqdm(total=run.steps, desc=f"{config.method} {config.task}", disable=not config.progress, dynamic_ncols=True)
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics:
+    bar = tqdm(total=run.steps, desc=f"{config.method} {config.task}", disable=not (config.progress and main),
+               dynamic_ncols=True)
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
         for step, indices in zip(range(run.steps), run.sampler):
             record = train_step(run, step, indices)
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < run.steps:
@@ -183,8 +201,9 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
                 record["dev_accuracy"] = run.dev_accuracy()
                 eval_seconds += time.perf_counter() - tick
             record["seconds"] = time.perf_counter() - start - eval_seconds  # training time only
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             loss = record["loss"]
             bar.set_postfix(loss=f"{loss:.4f}", zo_lr=f"{record['zo_lr'] or 0:.1e}",
                             fo_lr=f"{record['fo_lr'] or 0:.1e}", refresh=False)
@@ -192,15 +211,18 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
     bar.close()
 
     after = run.dev_accuracy()
-    print(f"dev accuracy after {run.steps} steps: {after:.4f}")
+    if run.data_parallel:
+        run.data_parallel.check_identical(run.model)
+    say(f"dev accuracy after {run.steps} steps: {after:.4f}")
     result = {"dev_accuracy_before": before, "dev_accuracy_after": after, "dev_size": len(run.dev_set),
               "steps": run.steps, "final_loss": loss, "train_seconds": time.perf_counter() - start - eval_seconds,
-              "peak_memory_mib": peak_memory_mib(run.device)}
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
-    export.save(run.model, run.tokenizer, out, merged=config.save_merged)
-    print(f"saved to {out}")
-    if config.plot:
-        print(f"plot: {plots.plot_run(out)}")
+              "peak_memory_mib": peak_memory_mib(run.device), "ranks": run.world.size}
+    if main:
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
+        export.save(run.model, run.tokenizer, out, merged=config.save_merged)
+        print(f"saved to {out}")
+        if config.plot:
+            print(f"plot: {plots.plot_run(out)}")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
                   model=run.model, tokenizer=run.tokenizer)
 
@@ -222,6 +244,8 @@ def describe(run: Run) -> dict[str, Any]:
             "zo_parameters": sum(p.numel() for p in groups.zo.values()),
             "fo_parameters": sum(p.numel() for p in groups.fo.values()),
             "frozen_parameters": sum(p.numel() for p in groups.frozen.values()),
-            "torch": torch.__version__,
+            "torch": torch.__version__, "ranks": run.world.size,
+            **({"ddp_full_finetuning_bytes_per_step": distributed.ddp_bytes(run.model.parameters())}
+               if run.data_parallel else {}),
         },
     }
