@@ -146,7 +146,8 @@ def _digest(tensor: torch.Tensor) -> int:
 
 
 def ddp_bytes(params: Iterable[nn.Parameter]) -> int:
-    """What DDP all-reduces per step to train ``params`` first-order: each one's gradient."""
+    """What DDP all-reduces per step to train ``params`` first-order: each one's gradient (for
+    the comparison, the ZO and FO sets of a run: every weight the run trains)."""
     return sum(p.numel() * p.element_size() for p in params)
 
 

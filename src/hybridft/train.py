@@ -245,7 +245,7 @@ def describe(run: Run) -> dict[str, Any]:
             "fo_parameters": sum(p.numel() for p in groups.fo.values()),
             "frozen_parameters": sum(p.numel() for p in groups.frozen.values()),
             "torch": torch.__version__, "ranks": run.world.size,
-            **({"ddp_full_finetuning_bytes_per_step": distributed.ddp_bytes(run.model.parameters())}
+            **({"ddp_full_finetuning_bytes_per_step": distributed.ddp_bytes([*groups.zo.values(), *groups.fo.values()])}
                if run.data_parallel else {}),
         },
     }
