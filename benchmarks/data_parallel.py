@@ -6,7 +6,8 @@ Runs `hybridft train` three times with --threads 1 per process: 1 process at bat
 at batch b (the same global batch, so the same updates), and R ranks at batch R b (R times the
 examples per step); then fo-full on R ranks at batch b, which is what DDP full fine-tuning
 sends. Reports the median step time (steps 2..n, from
-metrics.jsonl), examples per second, and the payload bytes each rank put into the step's
+metrics.jsonl), the median time in the step's all-reduce (waiting for the slower rank
+included), examples per second, and the payload bytes each rank put into the step's
 all-reduce by part, against what DDP full fine-tuning would all-reduce (every gradient).
 """
 
@@ -33,7 +34,8 @@ def run(model: str, method: str, ranks: int, batch: int, steps: int, out: Path) 
     resolved = json.loads((out / "config.json").read_text())["resolved"]
     seconds = [b["seconds"] - a["seconds"] for a, b in zip(records, records[1:])]
     step = statistics.median(seconds)
-    return {"ranks": ranks, "batch": batch, "step_s": step, "examples_per_s": ranks * batch / step,
+    allreduce = statistics.median(r.get("allreduce_seconds", 0.0) for r in records[1:])
+    return {"ranks": ranks, "batch": batch, "step_s": step, "allreduce_s": allreduce, "examples_per_s": ranks * batch / step,
             **{part: records[-1].get(f"sent_bytes_{part}", 0) for part in ("fo", "zo", "scalars")},
             "ddp": resolved.get("ddp_full_finetuning_bytes_per_step")}
 
@@ -47,14 +49,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     R, b = args.ranks, args.batch
-    print("| method | ranks | batch per rank | step s | examples/s | FO bytes | ZO bytes | loss+count bytes | DDP full FT bytes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method | ranks | batch per rank | step s | all-reduce s | examples/s | FO bytes | ZO bytes | loss+count bytes | DDP full FT bytes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         cells = [(args.method, 1, R * b), (args.method, R, b), (args.method, R, R * b), ("fo-full", R, b)]
         for i, (method, ranks, batch) in enumerate(cells):
             r = run(args.model, method, ranks, batch, args.steps, Path(tmp) / str(i))
             ddp = f"{r['ddp']:,}" if r["ddp"] else "-"
-            print(f"| {method} | {r['ranks']} | {r['batch']} | {r['step_s']:.3f} | {r['examples_per_s']:.1f} | {r['fo']:,} | "
+            print(f"| {method} | {r['ranks']} | {r['batch']} | {r['step_s']:.3f} | {r['allreduce_s']:.4f} | {r['examples_per_s']:.1f} | {r['fo']:,} | "
                   f"{r['zo']:,} | {r['scalars']:,} | {ddp} |", flush=True)
 
 

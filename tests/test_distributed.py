@@ -85,3 +85,18 @@ def test_two_ranks_with_batch_b_end_as_one_process_with_batch_2b(tiny_bert_fp64_
     assert {r["sent_bytes_zo"] for r in records} == {8}
     trained = config["zo_parameters"] + config["fo_parameters"]
     assert config["ddp_full_finetuning_bytes_per_step"] == 8 * trained
+
+
+def test_step_all_reduce_weights_by_examples_and_differing_weights_are_caught(tmp_path):
+    import torch.multiprocessing as mp
+
+    import distributed_worker
+
+    mp.spawn(distributed_worker.run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for result in (torch.load(tmp_path / f"{r}.pt") for r in (0, 1)):
+        assert torch.allclose(result["grad"], torch.full((2, 3), (3 * 1 + 1 * 2) / 4))  # (3 g_0 + 1 g_1) / 4
+        assert result["scalars"].dtype == torch.float64
+        assert torch.allclose(result["scalars"], torch.tensor([(3 * 10 + 20) / 4, 1 / 4], dtype=torch.float64))
+        assert result["sent"] == {"fo": 6 * 4, "zo": 4, "scalars": 8}
+        assert result["same"] == "same"
+        assert "2 parameters differ across ranks (first: weight)" in result["different"]

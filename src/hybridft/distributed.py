@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -81,14 +82,16 @@ def shutdown() -> None:
 class DataParallel:
     """The communication of one data-parallel run: the step's all-reduce, and checks.
 
-    ``sent`` counts the payload bytes this rank put into all-reduces, by part: "fo" (adapter
-    and head gradients), "zo" (projected gradients), "scalars" (loss and example count).
+    ``sent`` counts the payload bytes this rank put into step all-reduces, by part: "fo" (adapter
+    and head gradients), "zo" (projected gradients), "scalars" (loss and example count);
+    ``seconds`` the time spent in them (waiting for the slowest rank included).
     """
 
     world: World
     device: torch.device
     fo_params: list[nn.Parameter]
     sent: dict[str, int] = field(default_factory=lambda: {"fo": 0, "zo": 0, "scalars": 0})
+    seconds: float = 0.0
 
     def reducer(self, examples: int) -> Reduce:
         """The ``reduce`` of one ``HybridOptimizer.step`` on ``examples`` local examples.
@@ -105,8 +108,11 @@ class DataParallel:
             weight = torch.tensor([1.0], dtype=dtype, device=self.device)
             parts = [g.reshape(-1).to(dtype) for g in grads] + [scalars.to(self.device, dtype), weight]
             buffer = torch.cat(parts).mul_(examples)
+            start = time.perf_counter()
             dist.all_reduce(buffer)
-            buffer.div_(buffer[-1].clone())  # N = sum of n_r
+            total = buffer[-1].item()  # N = sum of n_r; .item() also waits for an asynchronous (nccl) all-reduce
+            self.seconds += time.perf_counter() - start
+            buffer.div_(total)
             offset = 0
             for g in grads:
                 g.copy_(buffer[offset : offset + g.numel()].view_as(g))

@@ -164,7 +164,7 @@ def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
     of it, with several ranks); its metrics."""
     lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
     parallel = run.data_parallel
-    sent = dict(parallel.sent) if parallel else {}
+    sent, waited = (dict(parallel.sent), parallel.seconds) if parallel else ({}, 0.0)
     reduce = parallel.reducer(len(indices)) if parallel else None
     loss = float(run.optimizer.step(loss_closure(run.model, run.optimizer, run.batch(indices)), reduce=reduce))
     run.lr_scheduler.step()
@@ -174,6 +174,7 @@ def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
         "zo_lr": lrs["zo"] if run.groups.zo else None, "fo_lr": lrs.get("fo"),
         "projected_grad": (sum(update.projected_grads) / len(update.projected_grads)) if update else None,
         **{f"sent_bytes_{part}": parallel.sent[part] - sent[part] for part in sent if parallel},
+        **({"allreduce_seconds": parallel.seconds - waited} if parallel else {}),
     }
 
 
