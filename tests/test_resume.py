@@ -1,5 +1,6 @@
-"""Faults: a CLI run killed with SIGKILL at random steps and resumed ends bitwise equal to an
-uninterrupted run (weights, ZO log, metrics); replaying the ZO log rebuilds the trained weights.
+"""Faults: a CLI run killed with SIGKILL at random steps (and once while writing a checkpoint)
+and resumed ends bitwise equal to an uninterrupted run (weights, ZO log, metrics); replaying
+the ZO log rebuilds the trained weights.
 
 Each run is the CLI in a forked child process (no second import of torch), with one thread,
 so that every run computes with the same kernels.
@@ -32,8 +33,18 @@ def _cli(args: list[str]) -> None:
     os._exit(main(args))
 
 
-def start(args: list[str]) -> multiprocessing.Process:
-    process = multiprocessing.get_context("fork").Process(target=_cli, args=(args,))
+def _cli_dying_mid_checkpoint(args: list[str]) -> None:
+    """The CLI, SIGKILLed by itself while its next checkpoint is half written (model file only)."""
+    def save_model(*a: object, **k: object) -> None:
+        original(*a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    original, checkpoint.save_model = checkpoint.save_model, save_model
+    os._exit(main(args))
+
+
+def start(args: list[str], target=_cli) -> multiprocessing.Process:
+    process = multiprocessing.get_context("fork").Process(target=target, args=(args,))
     process.start()
     return process
 
@@ -90,6 +101,11 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_equal_to_uninterrupted(t
         saved = checkpoint.checkpoints(killed)
         between_checkpoints += logged > (int(saved[-1].name.split("-")[1]) if saved else 0)
     assert between_checkpoints, "no kill left steps logged after the last checkpoint"
+    before = checkpoint.checkpoints(killed)
+    dying = start(["train", "--resume", str(killed), "--threads", "1"], target=_cli_dying_mid_checkpoint)
+    dying.join(timeout=300)
+    assert dying.exitcode == -signal.SIGKILL and list((killed / "checkpoints").glob(".tmp-*"))
+    assert checkpoint.checkpoints(killed) == before  # the half-written one is not a checkpoint
     run_to_end(["train", "--resume", str(killed), "--threads", "1", "--no-progress"])
 
     assert_bitwise_equal(reference / "model" / "model.safetensors", killed / "model" / "model.safetensors")
@@ -157,7 +173,7 @@ def test_sigkill_at_random_times_in_fresh_interpreters(tiny_bert_dir, tmp_path, 
     flags = [*FLAGS, "--method", method, "--steps", "20", "--checkpoint-every", "1"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert subprocess_cli(["train", "--model", str(tiny_bert_dir), "--output-dir", str(reference), *flags]).wait() == 0
-    rng, kills = random.Random(7), 0
+    rng, kills, mid_write = random.Random(7), 0, 0
     args = ["train", "--model", str(tiny_bert_dir), "--output-dir", str(killed), *flags]
     while kills < 5:
         process = subprocess_cli(args)
@@ -170,8 +186,10 @@ def test_sigkill_at_random_times_in_fresh_interpreters(tiny_bert_dir, tmp_path, 
         process.send_signal(signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL
         kills += 1
+        mid_write += bool(list((killed / "checkpoints").glob(".tmp-*")))
         args = ["train", "--resume", str(killed), "--threads", "1", "--no-progress"]
     assert kills >= 3, "the run finished before most kills"
+    print(f"{method}: {kills} kills, {mid_write} of them while a checkpoint was being written")
     if not (killed / "eval.json").exists():
         assert subprocess_cli(args).wait() == 0
     assert_bitwise_equal(reference / "model" / "model.safetensors", killed / "model" / "model.safetensors")

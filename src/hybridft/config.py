@@ -111,7 +111,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as error:
-            raise ValueError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from error
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ValueError(f"{path} is not valid YAML ({where}{getattr(error, 'problem', None) or error})") from error
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config fields")
     known = {f.name for f in dataclasses.fields(TrainConfig)}

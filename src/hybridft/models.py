@@ -51,6 +51,8 @@ def load_classifier(name: str, num_labels: int, *, trust_remote_code: bool = Fal
     from transformers.utils import logging as hf_logging
 
     path = resolve(name)
+    if path.startswith(("/", "./", "../")) and not Path(path).exists():
+        raise ValueError(f"cannot load model {name!r}: no such directory")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     try:
