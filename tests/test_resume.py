@@ -150,6 +150,16 @@ def test_resume_refuses_a_changed_trajectory_field(tiny_bert_dir, tmp_path, caps
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
+def test_replay_refuses_a_run_without_zo_updates_or_without_a_run(tiny_bert_dir, tmp_path, capsys, one_thread):
+    out = tmp_path / "fo-lora"
+    out.mkdir()
+    checkpoint.write_atomically(out / "config.json", json.dumps({"model": str(tiny_bert_dir), "method": "fo-lora"}))
+    (out / "zo_updates.jsonl").touch()
+    assert_refused(["replay", str(out)], capsys, "method 'fo-lora' makes no ZO updates")
+    assert_refused(["replay", str(tmp_path / "nothing")], capsys, "holds no run")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "zo_updates.jsonl"]
+
+
 def test_resume_needs_a_run(tmp_path, capsys):
     assert_refused(["train", "--resume", str(tmp_path / "nothing")], capsys, "holds no run")
     assert not (tmp_path / "nothing").exists()

@@ -63,8 +63,10 @@ def rebuild(run_dir: str | Path, output_dir: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     config = run_config(run_dir)
     out = Path(output_dir) if output_dir is not None else run_dir / "replayed"
+    if (out / "model").exists():
+        raise ValueError(f"{out} already holds a model; choose another --output-dir")
     if not (run_dir / LOG).exists():
-        raise ValueError(f"{run_dir} has no {LOG}: method {config.method!r} makes no ZO updates, or the run predates the log")
+        raise ValueError(f"{run_dir} has no {LOG} (a run from before the log)")
     updates = read(run_dir / LOG)
     run = build(config.replace(progress=False))
     if not run.groups.zo:
