@@ -64,3 +64,12 @@ def batch(tokenizer) -> dict[str, torch.Tensor]:
     encoded = tokenizer(texts, padding=True, return_tensors="pt")
     encoded["labels"] = torch.tensor([1, 0, 1, 0] * 2)
     return dict(encoded)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test (tiny models; two threads only contend on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

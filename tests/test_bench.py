@@ -4,6 +4,7 @@ dev, resume without re-running, a refused changed grid, the summary and the plot
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -80,6 +81,27 @@ def test_plot_command_redraws_bench_and_run(finished, capsys):
     run_dir = next((root / "cells").glob("**/eval.json")).parent
     assert main(["plot", str(run_dir)]) == 0 and (run_dir / "loss.png").exists()
     assert main(["plot", str(root / "cells")]) == 2
+
+
+def test_a_killed_cell_continues_from_its_checkpoint(bench_file, tmp_path):
+    from hybridft.bench import cell_config
+    from hybridft.train import train
+
+    spec = yaml.safe_load(bench_file.read_text())
+    spec.update(output_dir=str(tmp_path / "killed"), methods=["hybrid"], seeds=[0], lr_grid={})
+    spec["train"].update({"checkpoint-every": 2, "keep-checkpoints": 2})
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    bench = load_bench(path)
+    cell = next(cells(bench, tmp_path / "killed"))
+    out = tmp_path / "killed" / "cells" / cell.name
+    train(cell_config(bench, cell, tmp_path / "killed"))
+    (out / "eval.json").unlink()  # now it is what a cell killed after its step-2 checkpoint leaves
+    shutil.rmtree(sorted((out / "checkpoints").iterdir())[-1])
+    run_bench(bench, progress=False)
+    assert "resuming" in (out / "log.txt").read_text()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()  # keep_models is off
 
 
 def test_isolated_cell_runs_in_its_own_process(bench_file, tmp_path):

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ class BenchConfig:
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
     lr_grid: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     isolate: bool = True  # each cell in a fresh process (peak memory per cell); False: in this process
+    keep_models: bool = False  # keep each cell's saved model and checkpoints (tens of MiB to GiB per cell)
 
     def validate(self) -> None:
         if not (self.models and self.tasks and self.methods and self.seeds):
@@ -165,23 +167,32 @@ def count(bench: BenchConfig) -> int:
 
 
 def run_cell(bench: BenchConfig, cell: Cell, root: Path) -> None:
-    """Train one cell in a fresh process; its log goes to the cell's ``log.txt``."""
+    """Train one cell (in a fresh process unless ``isolate`` is off), continuing a cell that was
+    killed from its last checkpoint; its log goes to the cell's ``log.txt``. Unless ``keep_models``,
+    the finished cell's model and checkpoints are deleted (the metrics are what a bench reports)."""
+    from hybridft.checkpoint import DIRNAME, checkpoints
+
     config = cell_config(bench, cell, root)
     out = Path(config.output_dir)  # type: ignore[arg-type]
+    resume = bool(checkpoints(out)) if out.is_dir() else False
     out.mkdir(parents=True, exist_ok=True)
     (out / "cell.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    with open(out / "log.txt", "w", encoding="utf-8") as log:
+    with open(out / "log.txt", "a" if resume else "w", encoding="utf-8") as log:
         if bench.isolate:
-            command = [sys.executable, "-m", "hybridft", "train", "--config", str(out / "cell.yaml"), "--overwrite"]
+            how = ["--resume", str(out)] if resume else ["--overwrite"]
+            command = [sys.executable, "-m", "hybridft", "train", "--config", str(out / "cell.yaml"), *how]
             failed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0
         else:
-            failed = not _train_here(config, log)
+            failed = not _train_here(config, log, resume)
     if failed:
         tail = (out / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"cell {cell.name} failed: {tail[0]} (log: {out / 'log.txt'})")
+    if not bench.keep_models:
+        for name in (DIRNAME, "model", "adapter", "merged"):
+            shutil.rmtree(out / name, ignore_errors=True)
 
 
-def _train_here(config: TrainConfig, log: Any) -> bool:
+def _train_here(config: TrainConfig, log: Any, resume: bool) -> bool:
     """Train in this process, printing into ``log``; False (with the error logged) if it raised."""
     import contextlib
     import traceback
@@ -190,7 +201,7 @@ def _train_here(config: TrainConfig, log: Any) -> bool:
 
     with contextlib.redirect_stdout(log):
         try:
-            train(config, overwrite=True)
+            train(config, overwrite=not resume, resume=resume)
         except Exception as error:  # noqa: BLE001 - reported to the caller through the log, never swallowed
             traceback.print_exc(file=log)
             print(f"{type(error).__name__}: {error}", file=log)

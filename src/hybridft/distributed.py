@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -130,6 +131,16 @@ class DataParallel:
         buffer = torch.tensor([value * weight, weight], dtype=torch.float64, device=self.device)
         dist.all_reduce(buffer)
         return float(buffer[0] / buffer[1])
+
+    def rng_states(self) -> dict[str, Any]:
+        """The global RNG states of every rank, ``{"ranks": [rank 0's, rank 1's, ...]}``, for a
+        checkpoint: dropout draws a different number of values on each rank (slices differ in
+        padding), so their states differ and exact resume needs each one. Collective."""
+        from hybridft.checkpoint import rng_state
+
+        states: list[Any] = [None] * self.world.size
+        dist.all_gather_object(states, rng_state())
+        return {"ranks": states}
 
     def check_identical(self, module: nn.Module) -> None:
         """Raise RuntimeError unless every parameter of ``module`` is bitwise the same on every
