@@ -28,7 +28,9 @@ def run(rank: int, size: int, init_file: str, results: str) -> None:
     parallel = DataParallel(World(rank, size), torch.device("cpu"), [layer.weight])
     examples = [3, 1][rank]  # unequal slices: the means are weighted 3:1
     scalars = parallel.reducer(examples)(torch.tensor([10.0 * (rank + 1), float(rank)], dtype=torch.float64))
-    torch.save({"grad": layer.weight.grad, "scalars": scalars, "sent": parallel.sent,
+    torch.manual_seed(100 + rank)
+    own, gathered = torch.get_rng_state(), parallel.rng_states()["ranks"]
+    torch.save({"rng_ok": [bool(torch.equal(g["cpu"], own)) for g in gathered], "grad": layer.weight.grad, "scalars": scalars, "sent": parallel.sent,
                 "same": identical(parallel, layer), "different": identical(parallel, other)},
                f"{results}/{rank}.pt")
     dist.destroy_process_group()

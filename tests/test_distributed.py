@@ -20,10 +20,14 @@ from hybridft.train import train
 FILES = ("model/model.safetensors", "adapter/adapter_model.safetensors")
 
 
-def torchrun(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
+def torchrun_command(ranks: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "hybridft", "train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+            "-m", "hybridft", "train", *args], env
+
+
+def torchrun(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
+    command, env = torchrun_command(ranks, args)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -87,16 +91,55 @@ def test_two_ranks_with_batch_b_end_as_one_process_with_batch_2b(tiny_bert_fp64_
     assert config["ddp_full_finetuning_bytes_per_step"] == 8 * trained
 
 
-def test_step_all_reduce_weights_by_examples_and_differing_weights_are_caught(tmp_path):
+def test_step_all_reduce_weights_by_examples_rng_states_are_gathered_and_differing_weights_caught(tmp_path):
     import torch.multiprocessing as mp
 
     import distributed_worker
 
     mp.spawn(distributed_worker.run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    for result in (torch.load(tmp_path / f"{r}.pt") for r in (0, 1)):
+    for rank, result in enumerate(torch.load(tmp_path / f"{r}.pt") for r in (0, 1)):
+        assert result["rng_ok"] == [r == rank for r in (0, 1)]  # every rank's own RNG state, in rank order
         assert torch.allclose(result["grad"], torch.full((2, 3), (3 * 1 + 1 * 2) / 4))  # (3 g_0 + 1 g_1) / 4
         assert result["scalars"].dtype == torch.float64
         assert torch.allclose(result["scalars"], torch.tensor([(3 * 10 + 20) / 4, 1 / 4], dtype=torch.float64))
         assert result["sent"] == {"fo": 6 * 4, "zo": 4, "scalars": 8}
         assert result["same"] == "same"
         assert "2 parameters differ across ranks (first: weight)" in result["different"]
+
+
+def start_torchrun(ranks: int, args: list[str]) -> subprocess.Popen:
+    command, env = torchrun_command(ranks, args)
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: the kill takes its ranks too
+
+
+@pytest.mark.slow
+def test_two_rank_run_killed_and_resumed_ends_bitwise_as_an_uninterrupted_one(tiny_bert_dir, tmp_path, capsys):
+    import signal
+    import time
+
+    from hybridft.cli import main
+
+    # dropout on: each rank's RNG state differs, and the checkpoint must restore each one
+    flags = ["--model", str(tiny_bert_dir), "--train-size", "40", "--dev-size", "8", "--batch-size", "4", "--steps", "8",
+             "--zo-lr", "1e-3", "--checkpoint-every", "2", "--threads", "1", "--no-progress", "--no-plot"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert torchrun(2, [*flags, "--output-dir", str(whole)]).returncode == 0
+
+    process = start_torchrun(2, [*flags, "--output-dir", str(killed)])
+    metrics, deadline = killed / "metrics.jsonl", time.monotonic() + 300
+    while (not metrics.exists() or metrics.read_bytes().count(b"\n") < 5) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "eval.json").exists()
+
+    assert main(["train", "--resume", str(killed)]) == 2  # one process cannot continue a 2-rank run
+    assert "written by a run on 2 rank(s); resume it on 2, not 1" in capsys.readouterr().err
+    done = torchrun(2, ["--resume", str(killed), "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    for name in (*FILES, "zo_updates.jsonl"):
+        assert (whole / name).read_bytes() == (killed / name).read_bytes(), name
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 9))
