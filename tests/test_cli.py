@@ -10,7 +10,7 @@ import torch
 from hybridft import export
 from hybridft.cli import main
 from hybridft.config import TrainConfig
-from hybridft.evaluate import encode
+from hybridft.formulations import formulation
 from hybridft.tasks import load_task, subsample
 from hybridft.train import train
 
@@ -40,8 +40,8 @@ def test_saved_model_reloads_with_same_predictions_and_keeps_zo_updates(tiny_ber
                          zo_lr=1e-3, progress=False, output_dir=str(tmp_path / method))
     result = train(config)
     reloaded = export.load(result.output_dir)
-    dev = subsample(load_task("rotten_tomatoes").dev, 32, 0)
-    batch = encode(result.tokenizer, dev, max_length=64, device=torch.device("cpu"))
+    task = load_task("rotten_tomatoes")
+    batch = formulation(task, "encoder").encode(result.tokenizer, subsample(task.dev, 32, 0), device=torch.device("cpu"))
     batch.pop("labels")
     result.model.eval()
     with torch.no_grad():
