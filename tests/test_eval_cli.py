@@ -45,3 +45,20 @@ def test_bad_eval_input_is_one_line_and_exit_2(tiny_bert_dir, capsys, flags, mes
     assert main(["eval", "--model", str(tiny_bert_dir), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_trained_causal_lm_reloads_with_the_same_scores(tiny_causal_dirs, tmp_path):
+    import torch
+
+    from hybridft import export
+    from hybridft.train import train
+
+    config = TrainConfig(model=str(tiny_causal_dirs["llama"]), task=str(classification_task(tmp_path)), batch_size=4,
+                         steps=2, zo_lr=0.1, eps=0.05, threads=1, progress=False, output_dir=str(tmp_path / "run"))
+    result = train(config)
+    run = build(config)
+    batch = run.batch(list(range(4)))
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(run.formulation.scores(result.model, batch),
+                              run.formulation.scores(export.load(result.output_dir), batch), atol=1e-5)

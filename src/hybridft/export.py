@@ -47,11 +47,14 @@ def save(model: nn.Module, tokenizer: object, out: str | Path, *, merged: bool =
 
 
 def load(out: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
-    """Load what ``save`` wrote, with plain transformers and peft (eval mode)."""
-    from transformers import AutoModelForSequenceClassification
+    """Load what ``save`` wrote, with plain transformers and peft (eval mode), as the class it was
+    saved from (a sequence classifier, a multiple-choice model or a causal LM)."""
+    import transformers
 
     out = Path(out)
-    model = AutoModelForSequenceClassification.from_pretrained(out / "model", trust_remote_code=trust_remote_code)
+    config = transformers.AutoConfig.from_pretrained(out / "model", trust_remote_code=trust_remote_code)
+    model_class = getattr(transformers, (config.architectures or ["AutoModelForSequenceClassification"])[0])
+    model = model_class.from_pretrained(out / "model", trust_remote_code=trust_remote_code)
     if (out / "adapter").exists():
         from peft import PeftModel
 
