@@ -169,3 +169,14 @@ def test_empty_split_and_unknown_task_are_one_line_errors(tmp_path):
         load_task(str(tmp_path / "t2.yaml"))
     with pytest.raises(ValueError, match="unknown task 'sst3'"):
         load_task("sst3")
+
+
+@needs_data
+def test_a_task_file_poses_sst2_with_mezos_template(tmp_path):
+    spec = {"name": "sst2_mezo", "train": str(DATA / "sst2" / "dev.tsv"), "text": "sentence", "label": "label",
+            "label_words": {"0": "terrible", "1": "great"}, "template": "{sentence} It was"}
+    task = load_task(str(write(tmp_path, "sst2_mezo.yaml", json.dumps(spec))))
+    builtin = load_task("sst2", data_dir=str(DATA)).test
+    assert sorted((e.text.strip(), e.label) for e in task.train + task.dev) == sorted((e.text, e.label) for e in builtin)
+    e = task.train[0]
+    assert task.template.candidates(e) == [(f"{e.text} It was", " terrible"), (f"{e.text} It was", " great")]

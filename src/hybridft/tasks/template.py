@@ -91,5 +91,8 @@ class Template:
                 for o in options]
 
 
-# MeZO's SST-2 template: "<sentence> It was" followed by " terrible" or " great".
-SENTIMENT = Template(prompt="{text} It was", label_words=(" terrible", " great"))
+# Sentiment (SST-2, movie reviews). MeZO's template, "<sentence> It was" + " terrible"/" great",
+# scored 0.50 zero-shot with SmolLM2-135M-Instruct on 80 Rotten Tomatoes dev sentences (it says
+# "great" 97% of the time); this one scored 0.75 (BENCHMARKS.md). MeZO's is one task file away
+# (README: "Your own task").
+SENTIMENT = Template(prompt="Review: {text}\nSentiment:", label_words=(" negative", " positive"))
