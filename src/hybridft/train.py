@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import dataclasses
 import math
 import resource
 import shutil
@@ -20,12 +21,13 @@ from tqdm.auto import tqdm
 
 from hybridft import checkpoint, distributed, evaluate, export, plots, replay
 from hybridft.config import TrainConfig
+from hybridft.formulations import Formulation, formulation, head_loss
 from hybridft.methods import USES_ADAPTER, Groups, assign, build_optimizer, lora_config, wrap
-from hybridft.models import context_length, load_classifier
+from hybridft.models import context_length, load, model_kind, resolve
 from hybridft.optim import HybridOptimizer
 from hybridft.sampler import ReshufflingSampler
 from hybridft.schedules import scheduler
-from hybridft.tasks import Example, load_task, subsample
+from hybridft.tasks import Example, Task, load_task, subsample
 
 
 LOGS = ("metrics.jsonl", replay.LOG)  # appended every step; cut back to the checkpoint on resume
@@ -43,6 +45,7 @@ class Result:
     final_loss: float
     model: torch.nn.Module
     tokenizer: Any
+    test_accuracy_after: float | None = None
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     steps: int
     device: torch.device
+    formulation: Formulation
+    test_set: list[Example]
     data_parallel: distributed.DataParallel | None = None  # None: a single process
 
     @property
@@ -68,14 +73,21 @@ class Run:
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.train_set[i] for i in indices]
-        return evaluate.encode(self.tokenizer, examples, max_length=self.config.max_length, device=self.device)
+        return self.formulation.encode(self.tokenizer, examples, device=self.device)
+
+    def accuracy(self, examples: list[Example]) -> float:
+        """Accuracy on ``examples``; with several ranks each evaluates its slice, weighted by size."""
+        mine = examples[self.world.rank :: self.world.size]
+        value = evaluate.accuracy(self.model, self.formulation, self.tokenizer, mine,
+                                  batch_size=self.config.eval_batch_size, device=self.device) if mine else 0.0
+        return self.data_parallel.mean(value, len(mine)) if self.data_parallel else value
 
     def dev_accuracy(self) -> float:
-        """Accuracy on the dev set; with several ranks each evaluates its slice."""
-        examples = self.dev_set[self.world.rank :: self.world.size]
-        accuracy = evaluate.accuracy(self.model, self.tokenizer, examples, max_length=self.config.max_length,
-                                     batch_size=self.config.eval_batch_size, device=self.device) if examples else 0.0
-        return self.data_parallel.mean(accuracy, len(examples)) if self.data_parallel else accuracy
+        return self.accuracy(self.dev_set)
+
+    def test_accuracy(self) -> float | None:
+        """Accuracy on the task's test split (the official validation set), None if it has none."""
+        return self.accuracy(self.test_set) if self.test_set else None
 
 
 def total_steps(config: TrainConfig, n_train: int, ranks: int = 1) -> int:
@@ -113,18 +125,30 @@ def prepare_output_dir(config: TrainConfig, overwrite: bool, resume: bool = Fals
     return out
 
 
-def build_model(config: TrainConfig, num_labels: int) -> tuple[torch.nn.Module, Any]:
-    """The model (wrapped with the LoRA adapter when the method uses one) and its tokenizer."""
-    loaded = load_classifier(config.model, num_labels, trust_remote_code=config.trust_remote_code)
-    if not USES_ADAPTER[config.method]:
-        return loaded.model, loaded.tokenizer
+def build_model(config: TrainConfig, task: Task, *, adapter: bool = True) -> tuple[torch.nn.Module, Any, Formulation]:
+    """The model with the head ``task`` needs on it (wrapped with the LoRA adapter when the
+    method uses one and ``adapter``), its tokenizer, and the task's formulation for it."""
+    kind = config.model_kind
+    if kind == "auto":
+        kind = model_kind(resolve(config.model, cache_dir=config.cache_dir), trust_remote_code=config.trust_remote_code)
+    posed = formulation(task, kind, max_length=config.max_length, score=config.score)
+    loaded = load(config.model, posed.head, num_labels=posed.num_labels, trust_remote_code=config.trust_remote_code,
+                  cache_dir=config.cache_dir)
+    if not (adapter and USES_ADAPTER[config.method]):
+        return loaded.model, loaded.tokenizer, posed
     targets: list[str] | str | None = config.target_modules
     if targets and targets != "all-linear":
         targets = names(targets)
     heads = loaded.head_modules + names(config.modules_to_save)
     peft_config = lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                               target_modules=targets, head_modules=heads)
-    return wrap(loaded.model, peft_config), loaded.tokenizer
+    return wrap(loaded.model, peft_config), loaded.tokenizer, posed
+
+
+def splits(config: TrainConfig, task: Task) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, dev, test) subsampled to the configured sizes, seeded (MeZO's few-shot sets)."""
+    return (subsample(task.train, config.train_size, config.seed), subsample(task.dev, config.dev_size, config.seed),
+            subsample(task.test, config.test_size, config.seed))
 
 
 def build(config: TrainConfig) -> Run:
@@ -135,13 +159,12 @@ def build(config: TrainConfig) -> Run:
     world, device = distributed.init(pick_device(config.device))
     torch.manual_seed(config.seed)  # head initialisation and dropout; ZO directions never use it
 
-    task = load_task(config.task, seed=config.seed)
-    train_set = subsample(task.train, config.train_size, config.seed)
-    dev_set = subsample(task.dev, config.dev_size, config.seed)
+    task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
+    train_set, dev_set, test_set = splits(config, task)
     sampler = distributed.shard_sampler(len(train_set), config.batch_size, world, seed=config.seed,
                                         replacement=config.sampler == "replacement")
-    model, tokenizer = build_model(config, task.num_labels)
-    config = fit_context(config, context_length(model, tokenizer))
+    model, tokenizer, posed = build_model(config, task)
+    posed = fit_context(posed, context_length(model, tokenizer))
     groups = assign(config.method, model)
     model.to(device)
 
@@ -156,29 +179,31 @@ def build(config: TrainConfig) -> Run:
     lr_scheduler = scheduler(optimizer, schedule_names, total_steps=steps, warmup_steps=config.warmup_steps)
     return Run(config=config, train_set=train_set, dev_set=dev_set, sampler=sampler, model=model,
                tokenizer=tokenizer, groups=groups, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               steps=steps, device=device, data_parallel=distributed.data_parallel(world, device, model, groups.fo))
+               steps=steps, device=device, formulation=posed, test_set=test_set,
+               data_parallel=distributed.data_parallel(world, device, model, groups.fo))
 
 
-def fit_context(config: TrainConfig, context: int | None) -> TrainConfig:
-    """``config`` with ``max_length`` cut to the model's context (one warning), so that longer
+def fit_context(posed: Formulation, context: int | None) -> Formulation:
+    """``posed`` with its ``max_length`` cut to the model's context (one warning), so that longer
     inputs are truncated instead of indexing past the position table."""
-    if context is None or config.max_length <= context:
-        return config
-    warnings.warn(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; "
+    if context is None or posed.max_length <= context:
+        return posed
+    warnings.warn(f"--max-length {posed.max_length} exceeds the model's context of {context} tokens; "
                   f"inputs are truncated to {context}", stacklevel=3)
-    return config.replace(max_length=context)
+    return dataclasses.replace(posed, max_length=context)  # type: ignore[type-var]
 
 
-def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """The closure ``HybridOptimizer.step`` calls: the batch loss, with backward only when grad is
-    enabled (the FO evaluation). ZO evaluations run in eval mode, so +eps and -eps see the same
-    function (no dropout noise in the difference)."""
+def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                 loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = head_loss,
+                 ) -> Callable[[], torch.Tensor]:
+    """The closure ``HybridOptimizer.step`` calls: the batch ``loss`` (the formulation's), with
+    backward only when grad is enabled (the FO evaluation). ZO evaluations run in eval mode, so
+    +eps and -eps see the same function (no dropout noise in the difference)."""
 
     def closure() -> torch.Tensor:
         model.train(torch.is_grad_enabled())
         optimizer.zero_grad()
-        value = evaluate.loss(model, batch)
+        value = loss(model, batch)
         if torch.is_grad_enabled():
             value.backward()
         return value.detach()
@@ -193,7 +218,8 @@ def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
     parallel = run.data_parallel
     sent, waited = (dict(parallel.sent), parallel.seconds) if parallel else ({}, 0.0)
     reduce = parallel.reducer(len(indices)) if parallel else None
-    loss = float(run.optimizer.step(loss_closure(run.model, run.optimizer, run.batch(indices)), reduce=reduce))
+    closure = loss_closure(run.model, run.optimizer, run.batch(indices), run.formulation.loss)
+    loss = float(run.optimizer.step(closure, reduce=reduce))
     run.lr_scheduler.step()
     update = run.optimizer.last_update
     return {
@@ -249,10 +275,13 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False)
     if run.data_parallel:
         run.data_parallel.check_identical(run.model)
     say(f"dev accuracy after {run.steps} steps: {after:.4f}")
+    test = run.test_accuracy()
+    if test is not None:
+        say(f"test accuracy after {run.steps} steps: {test:.4f} ({len(run.test_set)} examples)")
     result = {"dev_accuracy_before": before, "dev_accuracy_after": after, "dev_size": len(run.dev_set),
-              "steps": run.steps, "final_loss": loss, "train_seconds": extra.get("seconds", 0.0),
-              "skipped_steps": run.optimizer.skipped_steps, "peak_memory_mib": peak_memory_mib(run.device),
-              "ranks": run.world.size}
+              "test_accuracy_after": test, "test_size": len(run.test_set), "steps": run.steps, "final_loss": loss,
+              "train_seconds": extra.get("seconds", 0.0), "skipped_steps": run.optimizer.skipped_steps,
+              "peak_memory_mib": peak_memory_mib(run.device), "ranks": run.world.size}
     if main:
         export.save(run.model, run.tokenizer, out, merged=config.save_merged)
         checkpoint.write_atomically(out / "eval.json", json.dumps(result, indent=2))  # last: marks the run complete
@@ -260,7 +289,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False)
         if config.plot:
             print(f"plot: {plots.plot_run(out)}")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
-                  model=run.model, tokenizer=run.tokenizer)
+                  model=run.model, tokenizer=run.tokenizer, test_accuracy_after=test)
 
 
 def start(run: Run, out: Path) -> tuple[int, dict[str, Any]]:
@@ -315,7 +344,10 @@ def describe(run: Run) -> dict[str, Any]:
     return {
         **run.config.to_dict(),
         "resolved": {
-            "steps": run.steps, "train_examples": len(run.train_set), "dev_examples": len(run.dev_set),
+            "steps": run.steps, "max_length": run.formulation.max_length,
+            "train_examples": len(run.train_set), "dev_examples": len(run.dev_set),
+            "test_examples": len(run.test_set), "formulation": type(run.formulation).__name__,
+            "max_length": run.formulation.max_length,
             "zo_parameters": sum(p.numel() for p in groups.zo.values()),
             "fo_parameters": sum(p.numel() for p in groups.fo.values()),
             "frozen_parameters": sum(p.numel() for p in groups.frozen.values()),
