@@ -20,9 +20,14 @@ def _flag_type(annotation: str) -> type:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; every default is None so that unset flags are known."""
+    """--config FILE.yaml and one flag per TrainConfig field."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields; flags override it")
-    for f in dataclasses.fields(TrainConfig):
+    add_dataclass_flags(parser, TrainConfig)
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the dataclass ``cls``; every default is None so that unset flags are known."""
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
         if f.type == "bool":
@@ -30,6 +35,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag, type=_flag_type(str(f.type)), default=None, help=help_text,
                                 choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper())
+
+
+def dataclass_from_args(args: argparse.Namespace, cls: type) -> Any:
+    """An instance of ``cls`` from the flags that were given (the others keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    return cls(**values)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -50,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a model (with no flags: MiniLM + LoRA on Rotten Tomatoes, offline)")
     add_config_flags(train)
     train.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a run")
+    from hybridft.theory.config import SmoothnessConfig
+
+    smoothness = commands.add_parser("smoothness", help="measure block-wise smoothness along a training trajectory, advise step sizes (docs/theory.md)")
+    add_config_flags(smoothness)
+    add_dataclass_flags(smoothness, SmoothnessConfig)
+    smoothness.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a measurement")
     return root
 
 
@@ -70,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = config_from_args(args)
             config.validate()
             train(config, overwrite=args.overwrite)
+        elif args.command == "smoothness":
+            from hybridft.theory.command import smoothness
+            from hybridft.theory.config import SmoothnessConfig
+
+            smoothness(config_from_args(args), dataclass_from_args(args, SmoothnessConfig), overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as error:
         print(f"hybridft: error: {error}", file=sys.stderr)
         return 2

@@ -119,6 +119,12 @@ def build(config: TrainConfig) -> Run:
     model.to(device)
 
     steps = total_steps(config, len(train_set))
+    if config.lr == "auto":  # zo-lr, fo-lr and eps from the measured smoothness (docs/theory.md)
+        from hybridft.theory.auto import resolve
+
+        resolved = resolve(config, model, groups, tokenizer, train_set, device, steps)
+        config = resolved.config
+        print(resolved.message)
     optimizer = build_optimizer(
         model, groups, zo_lr=config.zo_lr, fo_lr=config.fo_lr, eps=config.eps, seed=config.seed,
         fo_optimizer=config.fo_optimizer, fo_momentum=config.fo_momentum,
