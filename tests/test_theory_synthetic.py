@@ -11,11 +11,10 @@ import torch
 
 from hybridft.theory.advice import Constants, advise
 from hybridft.theory.envelope import fit_envelope
-from hybridft.theory.estimates import Data, envelopes
-from hybridft.theory.pairs import measure_point
+from hybridft.theory.estimates import envelopes
 from hybridft.theory.problems import CoupledQuadratic, ExpSmooth, LowRankLogistic
 from hybridft.theory.smoothness import measure_start
-from hybridft.theory.verify import blocks, run
+from hybridft.theory.verify import blocks, exp_smooth_envelopes, run
 
 
 @pytest.fixture(autouse=True)
@@ -39,21 +38,12 @@ def test_envelope_is_the_tightest_line_above_the_points():
 
 def test_estimator_recovers_known_l0_l1_on_an_exp_smooth_problem():
     """h'' = L0 + L1 |h'| exactly, so one-dimensional pairs lie on the line and the envelope is it."""
-    problem = ExpSmooth(d_theta=1, d_phi=1, n=1, theta_l0l1=(1.0, 2.0), phi_l0l1=(0.5, 3.0), spread=0.0)
-    zo, fo = blocks(problem, "hybrid")
-    pairs = []
-    for item, x in enumerate(torch.linspace(-1.5, 1.5, 9)):
-        with torch.no_grad():
-            problem.theta.fill_(float(x))
-            problem.phi.fill_(float(-0.7 * x))
-        pairs += measure_point(problem, {"theta": list(zo.values()), "phi": list(fo.values())}, lambda: problem([0]),
-                               item=item, kinds=("gradient",), radius=1e-5, generator=torch.Generator(), power={})[2]
-    data = Data(pairs=pairs, gram={}, dims={"theta": 1, "phi": 1}, n=1, batch_size=1, loss_gap=0.0)
-    fitted, largest = envelopes(data, torch.arange(data.items))
+    fitted = exp_smooth_envelopes((1.0, 2.0), (0.5, 3.0))
     for block, (l0, l1) in {"theta": (1.0, 2.0), "phi": (0.5, 3.0)}.items():
         assert fitted[block, block, "gradient"].l0 == pytest.approx(l0, rel=0.02, abs=0.01)
         assert fitted[block, block, "gradient"].l1 == pytest.approx(l1, rel=0.02)
-    assert largest["phi", "theta", "gradient"] == 0.0 and largest["theta", "phi", "gradient"] == 0.0  # no coupling
+    for measured, moved in (("phi", "theta"), ("theta", "phi")):  # no coupling
+        assert (fitted[measured, moved, "gradient"].l0, fitted[measured, moved, "gradient"].l1) == (0.0, 0.0)
 
 
 def test_measured_ratios_never_exceed_the_quadratic_constants_and_power_finds_them():

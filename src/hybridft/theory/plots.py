@@ -16,11 +16,18 @@ SYMBOL = {"theta": "θ", "phi": "φ"}
 MARKERS = {"gradient": "o", "random": "s", "power": "^"}
 
 
-def _pyplot() -> Any:
+def require() -> None:
+    """A one-line ValueError now, rather than after a measurement, if matplotlib is missing."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError as error:
         raise ValueError("plots need matplotlib (pip install hybridft[plot])") from error
+
+
+def _pyplot() -> Any:
+    require()
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -28,8 +35,8 @@ def _pyplot() -> Any:
 
 
 def ratios(pairs: Sequence[Pair], fits: Sequence[Fit], path: str | Path, *, title: str) -> Path:
-    """A grid: row = measured block B, column = moved block C; points (||grad_B f_S(x)||, ratio),
-    one marker per direction kind, and each kind's (L0, L1) envelope as a line."""
+    """A grid: row = measured block B, column = moved block C; points (||grad_B f_S(x)||, ratio) on
+    log-log axes, one marker per direction kind, and each kind's (L0, L1) envelope as a curve."""
     plt = _pyplot()
     blocks = [b for b in BLOCKS if any(b in p.ratio for p in pairs)]
     fig, axes = plt.subplots(len(blocks), len(blocks), figsize=(5.2 * len(blocks), 4.2 * len(blocks)), squeeze=False)
@@ -45,11 +52,14 @@ def ratios(pairs: Sequence[Pair], fits: Sequence[Fit], path: str | Path, *, titl
                 g, r = zip(*pts)
                 line = ax.scatter(g, r, marker=MARKERS[kind], s=22, alpha=0.75, label=kind)
                 fit = envelopes.get((measured, moved, kind))
-                if fit is not None:
-                    xs = [0.9 * min(g), 1.1 * max(g)]
+                if fit is not None:  # a straight line in linear space: many points on log axes
+                    low, high = 0.9 * min(g), 1.1 * max(g)
+                    xs = [low * (high / low) ** (i / 49) for i in range(50)]
                     ax.plot(xs, [fit.l0.value + fit.l1.value * x for x in xs], color=line.get_facecolor()[0], lw=1)
             pooled = envelopes.get((measured, moved, ALL))
+            ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels overlap on short ranges
             ax.set_xlabel(f"‖∇{SYMBOL[measured]} f_S(x)‖")
             ax.set_ylabel(f"‖Δ∇{SYMBOL[measured]}‖ / ‖Δ{SYMBOL[moved]}‖")
             label = "" if pooled is None else f"  L0={pooled.l0.value:.3g}, L1={pooled.l1.value:.3g}"
@@ -64,10 +74,11 @@ def ratios(pairs: Sequence[Pair], fits: Sequence[Fit], path: str | Path, *, titl
 
 def rates(curves: Mapping[str, Sequence[float]], path: str | Path, *, title: str, rate: float = -0.25) -> Path:
     """Min-so-far ||grad f|| after each epoch (epoch 1 = after the first) on log-log axes, with the
-    theoretical O(T^rate) line through the first point of the slowest curve."""
+    line C T^rate for the smallest C that stays above every curve (a guide to the slope: the
+    bound's own constant depends on unknowns such as inf f)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
-    start = 0.0
+    constant = 0.0
     for name, norms in curves.items():
         best, running = [], float("inf")
         for value in norms:
@@ -75,10 +86,9 @@ def rates(curves: Mapping[str, Sequence[float]], path: str | Path, *, title: str
             best.append(running)
         epochs = list(range(1, len(best) + 1))
         ax.plot(epochs, best, label=name, lw=1.4)
-        start = max(start, best[0])
-    horizon = max(len(v) for v in curves.values())
-    xs = [1, horizon]
-    ax.plot(xs, [start * x**rate for x in xs], "k--", lw=1, label=f"O(T^{rate:g}) (theory)")
+        constant = max(constant, max(b * t ** (-rate) for t, b in zip(epochs, best)))
+    xs = [1, max(len(v) for v in curves.values())]
+    ax.plot(xs, [constant * x**rate for x in xs], "k--", lw=1, label=f"{constant:.3g} T^{rate:g} (theory's order)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("epochs T")

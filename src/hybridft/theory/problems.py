@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybridft.theory.pairs import block_grads
+
 Indices = Sequence[int] | torch.Tensor
 
 
@@ -44,17 +46,8 @@ class Problem(nn.Module):
 
     def grad_sq(self) -> dict[str, float]:
         """||grad_p f||^2 of the full-data loss for every parameter name p (exact)."""
-        named = list(self.named_parameters())
-        flags = [p.requires_grad for _, p in named]
-        for _, p in named:
-            p.requires_grad_(True)
-        try:
-            with torch.enable_grad():
-                grads = torch.autograd.grad(self(torch.arange(self.n)), [p for _, p in named])
-        finally:
-            for (_, p), flag in zip(named, flags):
-                p.requires_grad_(flag)
-        return {name: float((g**2).sum()) for (name, _), g in zip(named, grads)}
+        _, grads = block_grads(self, {name: [p] for name, p in self.named_parameters()}, lambda: self(torch.arange(self.n)))
+        return {name: float((g[0] ** 2).sum()) for name, g in grads.items()}
 
     def grad_norm(self) -> float:
         """||grad f|| over both blocks."""

@@ -32,8 +32,8 @@ from hybridft.theory.advice import Advice, advise, batch_variance
 from hybridft.theory.config import SmoothnessConfig, floats
 from hybridft.theory.eps import advise_eps, eps_scan
 from hybridft.theory.estimates import Data, Envelopes, constants_at, envelopes, variances
-from hybridft.theory.problems import Problem
-from hybridft.theory.pairs import Tensors
+from hybridft.theory.problems import ExpSmooth, Problem
+from hybridft.theory.pairs import Tensors, measure_point
 from hybridft.theory.smoothness import measure_start
 
 METHODS = ("hybrid", "hybrid-replacement", "zo-only", "fo-only")
@@ -172,6 +172,23 @@ def run(make: Callable[[], Problem], method: str, *, epochs: int, batch_size: in
         grad_sq = _block_grad_sq(problem, zo)
         curve.grad_norms.append(math.sqrt(sum(grad_sq.values())))
     return curve
+
+
+def exp_smooth_envelopes(theta_l0l1: tuple[float, float], phi_l0l1: tuple[float, float], *,
+                         points: int = 9) -> Envelopes:
+    """The estimator on a one-dimensional ``ExpSmooth`` example, where h'' = L0 + L1 |h'| exactly:
+    pairs along the gradient at ``points`` positions, each block's envelope should be (L0, L1)."""
+    problem = ExpSmooth(d_theta=1, d_phi=1, n=1, theta_l0l1=theta_l0l1, phi_l0l1=phi_l0l1, spread=0.0)
+    zo, fo = blocks(problem, "hybrid")
+    pairs = []
+    for item, x in enumerate(torch.linspace(-1.5, 1.5, points).tolist()):
+        with torch.no_grad():
+            problem.theta.fill_(x)
+            problem.phi.fill_(-0.7 * x)
+        pairs += measure_point(problem, {"theta": list(zo.values()), "phi": list(fo.values())}, lambda: problem([0]),
+                               item=item, kinds=("gradient",), radius=1e-5, generator=torch.Generator(), power={})[2]
+    data = Data(pairs=pairs, gram={}, dims={"theta": 1, "phi": 1}, n=1, batch_size=1, loss_gap=0.0)
+    return envelopes(data, torch.arange(data.items))[0]
 
 
 def slope(values: list[float], *, start_fraction: float = 0.5) -> float:
