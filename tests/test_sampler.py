@@ -4,7 +4,9 @@ import itertools
 
 import pytest
 
-from hybridft.sampler import ReshufflingSampler
+import torch
+
+from hybridft.sampler import EpochSampler, ReshufflingSampler
 
 
 def test_each_epoch_visits_every_example_exactly_once_in_a_fresh_order():
@@ -54,3 +56,15 @@ def test_shards_are_disjoint_and_cover_each_batch():
 def test_bad_sizes_are_rejected(n, batch):
     with pytest.raises(ValueError):
         ReshufflingSampler(n, batch)
+
+
+@pytest.mark.parametrize("batch_size", [3, 10])
+def test_epoch_sampler_in_a_dataloader_yields_the_reshuffling_batches(batch_size):
+    expected = list(itertools.islice(iter(ReshufflingSampler(10, batch_size, seed=5)), 3 * -(-10 // batch_size)))
+    sampler = EpochSampler(10, seed=5)
+    loader = torch.utils.data.DataLoader(range(10), batch_size=batch_size, sampler=sampler)
+    batches = []
+    for epoch in range(3):  # as the HF Trainer does: set_epoch, then iterate
+        sampler.set_epoch(epoch)
+        batches += [b.tolist() for b in loader]
+    assert batches == expected and len(sampler) == 10

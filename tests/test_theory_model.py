@@ -94,7 +94,7 @@ def test_lr_auto_trains_with_the_advice_and_reuses_a_measurement(measured, tiny_
     assert "--lr auto (measured in" in capsys.readouterr().out
     config = json.loads((run_dir / "config.json").read_text())
     defaults = TrainConfig()
-    assert config["lr"] == "auto" and config["zo_lr"] > 0 and config["fo_lr"] > 0
+    assert config["lr"] is None and config["zo_lr"] > 0 and config["fo_lr"] > 0  # resolved: resume reuses them
     assert (config["zo_lr"], config["fo_lr"]) != (defaults.zo_lr, defaults.fo_lr)
 
     measurement = measured[0] / "smoothness.json"

@@ -16,14 +16,7 @@ from hybridft.theory.problems import CoupledQuadratic, ExpSmooth, LowRankLogisti
 from hybridft.theory.smoothness import measure_start
 from hybridft.theory.verify import blocks, exp_smooth_envelopes, run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: threads only add overhead (and contention on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: threads only contend
 
 
 def test_envelope_is_the_tightest_line_above_the_points():

@@ -8,7 +8,7 @@ import dataclasses
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from hybridft.config import TrainConfig, load_yaml
 
@@ -43,50 +43,101 @@ def dataclass_from_args(args: argparse.Namespace, cls: type) -> Any:
     return cls(**values)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def given_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the user set: from --config's YAML file, then flags."""
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name)
         if value is not None:
             values[f.name] = value
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.resume:
+        from hybridft.checkpoint import resume_config
+
+        return resume_config(args.resume, given_fields(args))
     try:
-        return TrainConfig(**values)
+        return TrainConfig(**given_fields(args))
     except TypeError as error:
         raise ValueError(str(error)) from error
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the usage of ``train`` is long), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="hybridft", description="Hybrid ZO (base) + FO (adapter) fine-tuning.")
+    root = Parser(prog="hybridft", description="Hybrid ZO (base) + FO (adapter) fine-tuning.")
     commands = root.add_subparsers(dest="command")
     train = commands.add_parser("train", help="fine-tune a model (with no flags: MiniLM + LoRA on Rotten Tomatoes, offline)")
     add_config_flags(train)
     train.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a run")
+    train.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its latest checkpoint "
+                       "(its config.json is the config; only runtime flags such as --threads may change)")
+    replay = commands.add_parser("replay", help="rebuild a run's trained model from its initial model and ZO update log")
+    replay.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's --output-dir")
+    replay.add_argument("--output-dir", help="where to save the rebuilt model (default: RUN_DIR/replayed)")
+    bench = commands.add_parser("bench", help="run a grid of models x tasks x methods x seeds (resumes where it stopped)")
+    bench.add_argument("--config", metavar="FILE.yaml", required=True, help="the bench grid (see README: Benchmarks)")
+    bench.add_argument("--output-dir", help="where the bench lives (overrides the file's output_dir)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    plot = commands.add_parser("plot", help="redraw the plots of a bench directory or a training run")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
     from hybridft.theory.config import SmoothnessConfig
 
     smoothness = commands.add_parser("smoothness", help="measure block-wise smoothness along a training trajectory, advise step sizes (docs/theory.md)")
     add_config_flags(smoothness)
     add_dataclass_flags(smoothness, SmoothnessConfig)
     smoothness.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a measurement")
+    smoothness.set_defaults(resume=None)
     return root
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    return f"hybridft: warning: {message}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]
-    args = parser().parse_args(argv)
     try:
-        if args.command == "train":
+        args = parser().parse_args(argv)
+    except SystemExit as stop:  # usage error (one line, see Parser) or --help
+        return stop.code if isinstance(stop.code, int) else 2
+    warnings.formatwarning = one_line_warning
+    try:
+        if args.command in ("train", "replay", "bench", "smoothness"):
             from transformers.utils import logging as hf_logging
-
-            from hybridft.train import train
 
             hf_logging.disable_progress_bar()  # per-file load/save bars; ours is the training bar
             # raised inside peft's wrapping by transformers 5; not actionable for a user
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if args.command == "train":
+            from hybridft.train import train
+
             config = config_from_args(args)
             config.validate()
-            train(config, overwrite=args.overwrite)
+            train(config, overwrite=args.overwrite, resume=args.resume is not None)
+        elif args.command == "replay":
+            from hybridft.replay import rebuild
+
+            rebuild(args.run_dir, args.output_dir)
+        elif args.command == "bench":
+            from hybridft.bench import load_bench, run_bench
+
+            root = run_bench(load_bench(args.config, args.output_dir), progress=not args.no_progress)
+            print(f"results: {root / 'results.md'}, plots: {root / 'plots'}")
+        elif args.command == "plot":
+            from hybridft.plots import plot
+
+            for path in plot(args.run_dir):
+                print(path)
         elif args.command == "smoothness":
             from hybridft.theory.command import smoothness
             from hybridft.theory.config import SmoothnessConfig
@@ -95,6 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"hybridft: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from hybridft.train import TrainingDiverged
+
+        if not isinstance(error, TrainingDiverged):
+            raise
+        print(f"hybridft: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

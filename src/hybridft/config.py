@@ -54,12 +54,17 @@ class TrainConfig:
     train_size: int | None = _f(None, "subsample the training split to this many examples")
     dev_size: int | None = _f(1000, "subsample the dev split to this many examples")
     eval_batch_size: int = _f(64, "examples per evaluation forward")
+    eval_every: int = _f(0, "also measure dev accuracy every this many steps (0: only before and after)")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
     device: str = _f("auto", "cpu, cuda, or auto")
     output_dir: str | None = _f(None, "where to write the run (default: runs/<time>-<method>)")
     save_merged: bool = _f(False, "also save the model with the adapter merged in (plain transformers load)")
     trust_remote_code: bool = _f(False, "allow model code from the hub to run")
     progress: bool = _f(True, "show a progress bar")
+    plot: bool = _f(True, "draw loss.png (loss and dev accuracy against steps) at the end")
+    checkpoint_every: int = _f(50, "write a checkpoint every this many steps (0: only at the end); resume with --resume")
+    keep_checkpoints: int = _f(2, "checkpoints kept (the newest)")
+    max_bad_steps: int = _f(5, "stop after this many consecutive steps skipped for a non-finite loss or gradient")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -69,26 +74,56 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message on a value no run can use."""
+        check_types(self)
         for name in ("zo_lr", "fo_lr", "eps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("steps", "batch_size", "lora_r", "num_directions", "max_length", "eval_batch_size"):
+        for name in ("steps", "batch_size", "lora_r", "num_directions", "max_length", "eval_batch_size",
+                     "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr not in (None, "auto") or (self.smoothness and self.lr != "auto"):
             raise ValueError(f"--lr takes only auto (with --smoothness FILE optional); got lr={self.lr!r}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be 0 or positive, got {self.eval_every}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        for name in ("train_size", "dev_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be 0 or more, got {self.checkpoint_every}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
 
 
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_types(config: TrainConfig) -> None:
+    """Each field holds its annotated type (a YAML file can hold anything)."""
+    for f in dataclasses.fields(config):
+        value, annotation = getattr(config, f.name), str(f.type)
+        if value is None and annotation.endswith("| None"):
+            continue
+        allowed = _TYPES.get(annotation.replace("| None", "").strip())
+        if allowed is None:  # a type this check does not know: the field's own checks apply
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ValueError(f"{f.name} must be {annotation.replace('| None', 'or null').strip()}, got {value!r}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping of config fields (dashes or underscores); unknown keys are an error."""
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ValueError(f"{path} is not valid YAML ({where}{getattr(error, 'problem', None) or error})") from error
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config fields")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -96,4 +131,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{path}: unknown config field(s) {', '.join(unknown)}")
+    floats = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type).startswith("float")}
+    for name in floats & set(values):
+        if isinstance(values[name], str):  # PyYAML (YAML 1.1) reads 1e-3 as a string
+            try:
+                values[name] = float(values[name])
+            except ValueError:
+                pass  # reported with the field's type by TrainConfig.validate
     return values

@@ -51,6 +51,8 @@ def load_classifier(name: str, num_labels: int, *, trust_remote_code: bool = Fal
     from transformers.utils import logging as hf_logging
 
     path = resolve(name)
+    if path.startswith(("/", "./", "../")) and not Path(path).exists():
+        raise ValueError(f"cannot load model {name!r}: no such directory")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     try:
@@ -60,6 +62,8 @@ def load_classifier(name: str, num_labels: int, *, trust_remote_code: bool = Fal
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         hint = "" if Path(path).exists() else f" (not a packaged name: {', '.join(PACKAGED)})"
+        if "trust_remote_code" in str(error):
+            hint = " (it needs its own code: pass --trust-remote-code if you trust it)"
         raise ValueError(f"cannot load model {name!r}{hint}: {str(error).splitlines()[0]}") from error
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -69,3 +73,13 @@ def load_classifier(name: str, num_labels: int, *, trust_remote_code: bool = Fal
         model.config.pad_token_id = tokenizer.pad_token_id
     heads = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]}) + UNTRAINED_HEAD_MODULES.get(name, [])
     return Loaded(model=model, tokenizer=tokenizer, head_modules=heads, path=path)
+
+
+def context_length(model: nn.Module, tokenizer: object) -> int | None:
+    """The longest input ``model`` accepts: its position table (``max_position_embeddings`` or
+    ``n_positions``) or its tokenizer's ``model_max_length``, whichever is smaller; None if unknown."""
+    config = getattr(model, "config", None)
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    known = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # tokenizers say 1e30 when unknown
+    return min(known) if known else None

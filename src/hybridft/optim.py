@@ -12,6 +12,11 @@ Both gradients are taken at the same point (theta, phi). The closure follows tor
 contract: it recomputes the loss on the current batch and calls ``backward()`` only when
 ``torch.is_grad_enabled()`` (the ZO evaluations run under ``no_grad``).
 
+Divergence guard: if any ZO loss or projected gradient, the FO loss or an FO gradient is not
+finite, the step applies nothing (theta is already restored exactly after the perturbed
+forwards, phi is untouched), ``last_update`` is None, ``skipped`` is True and
+``skipped_steps`` counts it; the step counter still advances, so the next step draws a new z.
+
 Cost per step: one forward+backward if there is an FO set, plus 2q forwards (q+1 one-sided)
 if there is a ZO set. Memory: the ZO set holds
 no gradient and no optimizer state; a perturbed forward holds one module's weights extra.
@@ -23,6 +28,7 @@ gives each its own schedule).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -73,6 +79,8 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.num_steps = 0
         self.keys = {p: parameter_key(name) for name, p in zo_params.items()}
         self.last_update: ZOUpdate | None = None
+        self.skipped = False  # whether the last step was skipped by the divergence guard
+        self.skipped_steps = 0
         if fo_optimizer is not None:
             for group in fo_optimizer.param_groups:
                 group.setdefault("name", "fo")
@@ -122,15 +130,32 @@ class HybridOptimizer(torch.optim.Optimizer):
             # After the ZO evaluations, so that no closure call can zero these gradients.
             with torch.enable_grad():
                 loss = closure()
+        assert loss is not None
+        self.skipped = not self._finite(update, loss)
+        if self.skipped:
+            update = None
+            self.skipped_steps += 1
+            self.zero_grad()
         if update is not None:
             for p, key in self.keys.items():
                 update_(p, key=key, update=update)
-        if self.fo_optimizer is not None:
+        if self.fo_optimizer is not None and not self.skipped:
             self.fo_optimizer.step()
         self.last_update = update
         self.num_steps += 1
-        assert loss is not None
         return loss
+
+    def _finite(self, update: ZOUpdate | None, loss: torch.Tensor) -> bool:
+        """Whether the step may touch the weights: the projected gradients (hence the ZO losses),
+        the loss and every FO gradient are finite. Cost: one pass over the FO gradients, one sync."""
+        if update is not None and not all(math.isfinite(g) for g in update.projected_grads):
+            return False
+        if not bool(torch.isfinite(loss).all()):
+            return False
+        if self.fo_optimizer is None:
+            return True
+        grads = [p.grad for group in self.fo_optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.fo_optimizer is not None:
@@ -143,6 +168,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         return {
             "num_steps": self.num_steps,
             "seed": self.seed,
+            "skipped_steps": self.skipped_steps,
             "zo_group": zo,
             "fo": self.fo_optimizer.state_dict() if self.fo_optimizer is not None else None,
         }
@@ -152,6 +178,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             raise ValueError("state_dict and optimizer disagree on whether there is an FO part")
         self.num_steps = int(state_dict["num_steps"])
         self.seed = int(state_dict["seed"])
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.zo_group.update(state_dict["zo_group"])
         if self.fo_optimizer is not None:
             self.fo_optimizer.load_state_dict(state_dict["fo"])

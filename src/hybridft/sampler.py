@@ -8,6 +8,9 @@ with replacement (seeded by (seed, epoch, batch)), for comparison.
 
 ``num_shards``/``shard`` split every batch across data-parallel ranks: all ranks compute
 the same permutation and take disjoint slices of each batch.
+
+``EpochSampler`` yields the same order one index at a time, for loops whose DataLoader does
+the batching (HF Trainer, accelerate).
 """
 
 from __future__ import annotations
@@ -89,3 +92,25 @@ class ReshufflingSampler(torch.utils.data.Sampler[list[int]]):
             if state[field] != getattr(self, field):
                 raise ValueError(f"sampler state was saved with {field}={state[field]!r}, not {getattr(self, field)!r}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """ReshufflingSampler's permutation of epoch ``epoch``, one index at a time.
+
+    A DataLoader that batches it (any batch size, ``drop_last=False``) yields exactly the
+    batches ReshufflingSampler(n, batch size, seed=seed) yields in that epoch. The loop sets the
+    epoch with ``set_epoch``, as for ``DistributedSampler``; the HF Trainer and accelerate do.
+    """
+
+    def __init__(self, n: int, *, seed: int = 0) -> None:
+        self.order = ReshufflingSampler(n, n, seed=seed)  # one batch per epoch: the permutation
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.order.epoch_batches(self.epoch)[0]
+
+    def __len__(self) -> int:
+        return self.order.n

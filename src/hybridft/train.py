@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +17,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hybridft import evaluate, export
+from hybridft import checkpoint, evaluate, export, plots, replay
 from hybridft.config import TrainConfig
 from hybridft.methods import USES_ADAPTER, Groups, assign, build_optimizer, lora_config, wrap
-from hybridft.models import load_classifier
+from hybridft.models import context_length, load_classifier
 from hybridft.optim import HybridOptimizer
 from hybridft.sampler import ReshufflingSampler
 from hybridft.schedules import scheduler
 from hybridft.tasks import Example, load_task, subsample
+
+
+LOGS = ("metrics.jsonl", replay.LOG)  # appended every step; cut back to the checkpoint on resume
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient (the last checkpoint is intact)."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +87,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_output_dir(config: TrainConfig, overwrite: bool) -> Path:
-    """The run directory; refuses one that already holds a run unless ``overwrite``."""
+def prepare_output_dir(config: TrainConfig, overwrite: bool, resume: bool = False) -> Path:
+    """The run directory; refuses one that already holds a run unless ``overwrite`` (or
+    ``resume``, which needs one). Writes nothing."""
     if config.output_dir is None:
+        if resume:
+            raise ValueError("resuming needs the run's directory")
         return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{config.task}"
     out = Path(config.output_dir)
-    if (out / "config.json").exists() and not overwrite:
-        raise ValueError(f"{out} already holds a run; choose another --output-dir or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} exists and is not a directory")
+    if resume and not (out / "config.json").exists():
+        raise ValueError(f"{out} holds no run to resume (no config.json)")
+    if (out / "config.json").exists() and not (overwrite or resume):
+        raise ValueError(f"{out} already holds a run; choose another --output-dir, pass --overwrite, or --resume it")
     return out
 
 
@@ -115,6 +132,7 @@ def build(config: TrainConfig) -> Run:
     sampler = ReshufflingSampler(len(train_set), config.batch_size, seed=config.seed,
                                  replacement=config.sampler == "replacement")
     model, tokenizer = build_model(config, task.num_labels)
+    config = fit_context(config, context_length(model, tokenizer))
     groups = assign(config.method, model)
     model.to(device)
 
@@ -136,6 +154,16 @@ def build(config: TrainConfig) -> Run:
     return Run(config=config, train_set=train_set, dev_set=dev_set, sampler=sampler, model=model,
                tokenizer=tokenizer, groups=groups, optimizer=optimizer, lr_scheduler=lr_scheduler,
                steps=steps, device=device)
+
+
+def fit_context(config: TrainConfig, context: int | None) -> TrainConfig:
+    """``config`` with ``max_length`` cut to the model's context (one warning), so that longer
+    inputs are truncated instead of indexing past the position table."""
+    if context is None or config.max_length <= context:
+        return config
+    warnings.warn(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; "
+                  f"inputs are truncated to {context}", stacklevel=3)
+    return config.replace(max_length=context)
 
 
 def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -165,42 +193,100 @@ def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
         "step": step + 1, "epoch": run.sampler.epoch + run.sampler.position / len(run.sampler), "loss": loss,
         "zo_lr": lrs["zo"] if run.groups.zo else None, "fo_lr": lrs.get("fo"),
         "projected_grad": (sum(update.projected_grads) / len(update.projected_grads)) if update else None,
+        "skipped": run.optimizer.skipped,
     }
 
 
-def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
-    """Fine-tune ``config.model`` on ``config.task`` with ``config.method``; write the run to disk."""
+def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False) -> Result:
+    """Fine-tune ``config.model`` on ``config.task`` with ``config.method``; write the run to disk.
+    ``resume``: continue the run in ``config.output_dir`` from its latest checkpoint, exactly."""
     config.validate()
-    out = prepare_output_dir(config, overwrite)
+    out = prepare_output_dir(config, overwrite, resume)
     run = build(config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(describe(run), indent=2))
-    before = run.dev_accuracy()
+    done, extra = restore(run, out) if resume else start(run, out)
+    if "dev_accuracy_before" not in extra:  # a resumed run measured it before its first step
+        extra["dev_accuracy_before"] = run.dev_accuracy()
+    before = extra["dev_accuracy_before"]
     print(f"dev accuracy before training: {before:.4f} ({len(run.dev_set)} examples)")
 
-    start, loss = time.perf_counter(), float("nan")
-    bar = tqdm(total=run.steps, desc=f"{config.method} {config.task}", disable=not config.progress, dynamic_ncols=True)
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics:
-        for step, indices in zip(range(run.steps), run.sampler):
+    clock, bad = time.perf_counter() - extra.get("seconds", 0.0), 0
+    bar = tqdm(total=run.steps, initial=done, desc=f"{config.method} {config.task}", disable=not config.progress,
+               dynamic_ncols=True)
+    with checkpoint.Logs(out, LOGS) as logs:
+        for step, indices in zip(range(done, run.steps), run.sampler):
             record = train_step(run, step, indices)
-            record["seconds"] = time.perf_counter() - start
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            loss = record["loss"]
-            bar.set_postfix(loss=f"{loss:.4f}", zo_lr=f"{record['zo_lr'] or 0:.1e}",
+            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < run.steps:
+                tick = time.perf_counter()
+                record["dev_accuracy"] = run.dev_accuracy()
+                clock += time.perf_counter() - tick  # "seconds" counts training time only
+            extra.update(seconds=time.perf_counter() - clock, loss=record["loss"])
+            logs.append(LOGS[0], json.dumps({**record, "seconds": extra["seconds"]}))
+            if run.optimizer.last_update is not None:
+                logs.append(LOGS[1], replay.to_json(run.optimizer.last_update))
+            bad = guard(run, out, step, bad + 1 if record["skipped"] else 0)
+            if step + 1 == run.steps or (not bad and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
+                save_checkpoint(run, out, step + 1, logs.sync(), extra)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", zo_lr=f"{record['zo_lr'] or 0:.1e}",
                             fo_lr=f"{record['fo_lr'] or 0:.1e}", refresh=False)
             bar.update()
     bar.close()
 
-    after = run.dev_accuracy()
+    after, loss = run.dev_accuracy(), extra.get("loss", float("nan"))
     print(f"dev accuracy after {run.steps} steps: {after:.4f}")
-    result = {"dev_accuracy_before": before, "dev_accuracy_after": after, "dev_size": len(run.dev_set),
-              "steps": run.steps, "final_loss": loss, "train_seconds": time.perf_counter() - start}
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
     export.save(run.model, run.tokenizer, out, merged=config.save_merged)
+    result = {"dev_accuracy_before": before, "dev_accuracy_after": after, "dev_size": len(run.dev_set),
+              "steps": run.steps, "final_loss": loss, "train_seconds": extra.get("seconds", 0.0),
+              "skipped_steps": run.optimizer.skipped_steps, "peak_memory_mib": peak_memory_mib(run.device)}
+    checkpoint.write_atomically(out / "eval.json", json.dumps(result, indent=2))  # last: marks the run complete
     print(f"saved to {out}")
+    if config.plot:
+        print(f"plot: {plots.plot_run(out)}")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
                   model=run.model, tokenizer=run.tokenizer)
+
+
+def start(run: Run, out: Path) -> tuple[int, dict[str, Any]]:
+    """A fresh run directory: config.json, and no logs, checkpoints or results of an overwritten run."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / checkpoint.DIRNAME, ignore_errors=True)
+    for name in (*LOGS, "eval.json"):
+        (out / name).unlink(missing_ok=True)
+    checkpoint.write_atomically(out / "config.json", json.dumps(describe(run), indent=2))
+    return 0, {}
+
+
+def restore(run: Run, out: Path) -> tuple[int, dict[str, Any]]:
+    """Load the latest checkpoint of ``out`` into ``run`` and cut the logs back to it; with no
+    checkpoint yet, start over. Returns (steps done, the loop's saved values)."""
+    state = checkpoint.resume(run, out, LOGS)
+    print(f"resuming {out} after step {state['step']}")
+    return state["step"], state["extra"]
+
+
+def guard(run: Run, out: Path, step: int, bad: int) -> int:
+    """Report a skipped step; stop after ``max_bad_steps`` in a row. Returns ``bad``."""
+    if bad:
+        tqdm.write(f"step {step + 1}: non-finite loss or gradient; step skipped, weights unchanged")
+    if bad >= run.config.max_bad_steps:
+        saved = checkpoint.checkpoints(out)
+        raise TrainingDiverged(f"{bad} consecutive steps (up to step {step + 1}) had a non-finite loss or gradient; "
+                               f"stopped. Last good checkpoint: {saved[-1] if saved else 'none'}. Lower the learning rates.")
+    return bad
+
+
+def save_checkpoint(run: Run, out: Path, step: int, log_sizes: dict[str, int], extra: dict[str, Any]) -> None:
+    """The checkpoint after ``step``; non-finite weights stop the run instead."""
+    try:
+        checkpoint.save(run, out, step, logs=log_sizes, extra=extra, keep=run.config.keep_checkpoints)
+    except FloatingPointError as error:
+        raise TrainingDiverged(str(error)) from error
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: CUDA max allocated, or on CPU the process's peak RSS (model load included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def describe(run: Run) -> dict[str, Any]:

@@ -5,7 +5,8 @@ eps scan; about 30 forward+backward passes over all weights, no training steps) 
 ``smoothness.json`` written by ``hybridft smoothness`` (``--smoothness FILE``). The advice is for
 this run's batch size, training-set size, step count and number of ZO directions. The FO advice
 is for plain SGD (the analysis' rule): with AdamW or momentum the FO learning rate is kept, and
-the message says so.
+the message says so. The resolved config holds the advised numbers with ``lr`` unset, so the
+run's config.json records them and ``--resume`` continues with them without measuring again.
 """
 
 from __future__ import annotations
@@ -91,4 +92,5 @@ def resolve(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer:
     source = config.smoothness or f"measured in {time.perf_counter() - start:.0f} s"
     told = ", ".join(f"{k.replace('_', '-')} {v:.3g}" for k, v in changes.items())
     message = f"--lr auto ({source}, for {steps} steps of batch {config.batch_size}): {told}" + "".join(f"; {n}" for n in notes)
-    return Resolved(config=config.replace(**changes), advice=advice, eps=eps, message=message)
+    # concrete rates, lr unset: config.json records them and --resume reuses them without measuring
+    return Resolved(config=config.replace(**changes, lr=None, smoothness=None), advice=advice, eps=eps, message=message)

@@ -65,7 +65,6 @@ def smoothness(config: TrainConfig, settings: SmoothnessConfig, *, overwrite: bo
     if config.lr is not None:
         raise ValueError("hybridft smoothness measures the step sizes' inputs itself; drop --lr")
     out = output_dir(config, overwrite)
-    plots.require()
     run = build(config)
     m = measure(run, settings)
     est = estimate(m.data, steps=total_steps(config, len(run.train_set)), resamples=settings.bootstrap,

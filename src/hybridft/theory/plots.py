@@ -1,37 +1,19 @@
 """Plots: measured smoothness ratios against the gradient norm with the fitted envelopes, and
-min-so-far gradient norms against epochs next to the theoretical rate. matplotlib (the ``plot``
-extra), Agg backend, PNG files."""
+min-so-far gradient norms against epochs next to the theoretical rate. PNG files (matplotlib's
+Agg backend, as ``hybridft.plots``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
+from hybridft.plots import _pyplot
 from hybridft.theory.advice import BLOCKS
 from hybridft.theory.estimates import ALL, Fit
 from hybridft.theory.pairs import Pair
 
 SYMBOL = {"theta": "θ", "phi": "φ"}
 MARKERS = {"gradient": "o", "random": "s", "power": "^"}
-
-
-def require() -> None:
-    """A one-line ValueError now, rather than after a measurement, if matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as error:
-        raise ValueError("plots need matplotlib (pip install hybridft[plot])") from error
-
-
-def _pyplot() -> Any:
-    require()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def ratios(pairs: Sequence[Pair], fits: Sequence[Fit], path: str | Path, *, title: str) -> Path:

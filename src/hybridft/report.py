@@ -1,0 +1,119 @@
+"""A bench directory's summary: ``results.json``, ``results.md`` and the plots, from the cells' files.
+
+Per (model, task, method), over the seeds run at the learning rates chosen on dev: final
+accuracy (test split when the task has one, else dev) mean +- std; steps-to-target (the first
+evaluated step at which dev accuracy reaches fo-lora's mean final dev accuracy) and its ratio
+to fo-lora's; training seconds; peak memory; the parameters each rule trains.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from hybridft.bench import BenchConfig, Cell, best_point, cell_result, slug
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, training seconds, dev accuracy) at every evaluation of a run, before and after included."""
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    points = [(0, 0.0, evaluation["dev_accuracy_before"])]
+    points += [(r["step"], r["seconds"], r["dev_accuracy"]) for r in metrics if "dev_accuracy" in r]
+    points.append((evaluation["steps"], metrics[-1]["seconds"] if metrics else 0.0, evaluation["dev_accuracy_after"]))
+    return points
+
+
+def steps_to(points: list[tuple[int, float, float]], target: float) -> int | None:
+    return next((step for step, _, accuracy in points if accuracy >= target), None)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def group_runs(bench: BenchConfig, root: Path, model: str, task: str, method: str) -> list[Path]:
+    """The finished run directories of the seeds at the chosen learning rates."""
+    best = best_point(bench, root, model, task, method)
+    if best is None:
+        return []
+    found = [Cell(model, task, method, seed, best) for seed in bench.seeds]
+    return [root / "cells" / c.name for c in found if cell_result(bench, c, root) is not None]
+
+
+def summarize(bench: BenchConfig, root: Path) -> list[dict[str, Any]]:
+    """One row per (model, task, method) with at least one finished seed at its chosen point."""
+    rows = []
+    for model in bench.models:
+        for task in bench.tasks:
+            runs = {m: group_runs(bench, root, model, task, m) for m in bench.methods}
+            rows += summarize_group(bench, root, model, task, {m: r for m, r in runs.items() if r})
+    return rows
+
+
+def summarize_group(bench: BenchConfig, root: Path, model: str, task: str, runs: dict[str, list[Path]]) -> list[dict[str, Any]]:
+    evals = {m: [json.loads((d / "eval.json").read_text()) for d in dirs] for m, dirs in runs.items()}
+    split = "test" if all("test_accuracy_after" in e for es in evals.values() for e in es) else "dev"
+    target = statistics.fmean(e["dev_accuracy_after"] for e in evals["fo-lora"]) if "fo-lora" in evals else None
+    rows = []
+    for method, dirs in runs.items():
+        resolved = json.loads((dirs[0] / "config.json").read_text())
+        reached = [steps_to(curve(d), target) for d in dirs] if target is not None else []
+        hits = [s for s in reached if s is not None]
+        accuracy, accuracy_std = mean_std([e[f"{split}_accuracy_after"] for e in evals[method]])
+        rows.append({
+            "model": model, "task": task, "method": method, "seeds": len(dirs), "split": split,
+            "learning_rates": {k: resolved[k] for k in ("zo_lr", "fo_lr")},
+            "accuracy": accuracy, "accuracy_std": accuracy_std,
+            "dev_accuracy": statistics.fmean(e["dev_accuracy_after"] for e in evals[method]),
+            "target": target, "steps_to_target": statistics.fmean(hits) if hits else None,
+            "reached_target": f"{len(hits)}/{len(dirs)}",
+            "train_seconds": statistics.fmean(e["train_seconds"] for e in evals[method]),
+            "peak_memory_mib": statistics.fmean(e["peak_memory_mib"] for e in evals[method]),
+            "zo_parameters": resolved["resolved"]["zo_parameters"], "fo_parameters": resolved["resolved"]["fo_parameters"],
+            "steps": resolved["resolved"]["steps"],
+        })
+    reference = next((r["steps_to_target"] for r in rows if r["method"] == "fo-lora"), None)
+    for row in rows:
+        ratio_ok = reference and row["steps_to_target"] is not None
+        row["steps_ratio"] = row["steps_to_target"] / reference if ratio_ok else None
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    def number(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    lines = ["# Bench results", "",
+             "Accuracy: mean ± std over seeds at the learning rates chosen on dev (split named per row). "
+             "Steps to target: first evaluated step reaching fo-lora's mean final dev accuracy (seeds that reached it); "
+             "ratio: against fo-lora's. Seconds: training only. Memory: peak (CPU RSS or CUDA allocated).", "",
+             "| model | task | method | lrs (zo / fo) | accuracy | split | seeds | steps to target | ratio | reached | seconds | peak MiB | ZO params | FO params |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        zo = f"{r['learning_rates']['zo_lr']:g}" if r["zo_parameters"] else "–"
+        fo = f"{r['learning_rates']['fo_lr']:g}" if r["fo_parameters"] else "–"
+        lines.append(
+            f"| {slug(r['model'])} | {r['task']} | {r['method']} | {zo} / {fo} "
+            f"| {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} | {r['split']} | {r['seeds']} "
+            f"| {number(r['steps_to_target'], '.0f')} | {number(r['steps_ratio'], '.2f')} | {r['reached_target']} "
+            f"| {r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} | {r['zo_parameters']:,} | {r['fo_parameters']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(bench: BenchConfig, root: Path, *, plots: bool = True) -> list[dict[str, Any]]:
+    """Rewrite results.json, results.md and (with ``plots``) the plots of ``root`` from what has finished."""
+    from hybridft.plots import plot_bench
+
+    rows = summarize(bench, root)
+    (root / "results.json").write_text(json.dumps(rows, indent=2))
+    (root / "results.md").write_text(markdown(rows))
+    if plots:
+        plot_bench(bench, root, rows)
+    return rows

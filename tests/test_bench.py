@@ -1,0 +1,127 @@
+"""A smoke-sized bench of the study's grid (tiny model, seconds): cells, learning-rate selection on
+dev, resume without re-running, a refused changed grid, the summary and the plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from hybridft.bench import Cell, cells, load_bench, lr_points, run_bench
+from hybridft.cli import main
+from hybridft.plots import smooth
+from hybridft.report import steps_to
+
+
+@pytest.fixture(scope="module")
+def bench_file(tiny_bert_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    spec = {
+        "output_dir": str(root / "out"), "models": [str(tiny_bert_dir)], "tasks": ["rotten_tomatoes"],
+        "methods": ["hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora"], "seeds": [0, 1], "isolate": False,
+        "train": {"train-size": 32, "dev-size": 16, "batch-size": 8, "steps": 4, "eval-every": 2, "threads": 1},
+        "lr_grid": {"hybrid": {"zo-lr": [1e-3, 1e-2]}},
+    }
+    path = root / "bench.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(bench_file):
+    bench = load_bench(bench_file)
+    return bench, run_bench(bench, progress=False)
+
+
+def test_grid_runs_every_cell_and_picks_the_best_point_on_dev(finished):
+    bench, root = finished
+    grid = [Cell(bench.models[0], "rotten_tomatoes", "hybrid", 0, lrs) for lrs in lr_points(bench, "hybrid")]
+    scores = [json.loads((root / "cells" / c.name / "eval.json").read_text())["dev_accuracy_after"] for c in grid]
+    ran = list(cells(bench, root))
+    assert len(ran) == 2 + 1 + 4 * 2  # hybrid: 2 grid points + seed 1; the others: 1 point + seed 1
+    chosen = next(c for c in ran if c.method == "hybrid" and c.seed == 1).lrs
+    assert chosen == grid[scores.index(max(scores))].lrs
+    assert all((root / "cells" / c.name / "eval.json").exists() for c in ran)
+
+
+def test_summary_and_plots_are_written(finished):
+    _, root = finished
+    rows = {r["method"]: r for r in json.loads((root / "results.json").read_text())}
+    assert set(rows) == {"hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora"} and all(r["seeds"] == 2 for r in rows.values())
+    assert rows["fo-lora"]["zo_parameters"] == 0 < rows["hybrid"]["zo_parameters"]
+    assert rows["fo-lora"]["steps_ratio"] in (None, 1.0)
+    assert "| hybrid |" in (root / "results.md").read_text()
+    assert (root / "plots" / "accuracy.png").stat().st_size > 0
+    assert len(list((root / "plots").glob("*rotten_tomatoes.png"))) == 1
+
+
+def test_rerun_resumes_without_rerunning_finished_cells(finished, bench_file):
+    bench, root = finished
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")}
+    run_bench(load_bench(bench_file), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")} == stamps
+
+
+def test_changed_grid_in_the_same_directory_is_refused(finished, bench_file, tmp_path, capsys):
+    spec = yaml.safe_load(bench_file.read_text())
+    spec["seeds"] = [0, 1, 2]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(spec))
+    assert main(["bench", "--config", str(changed), "--no-progress"]) == 2
+    assert "different seeds" in capsys.readouterr().err
+
+
+def test_plot_command_redraws_bench_and_run(finished, capsys):
+    _, root = finished
+    (root / "plots" / "accuracy.png").unlink()
+    assert main(["plot", str(root)]) == 0
+    assert (root / "plots" / "accuracy.png").exists()
+    run_dir = next((root / "cells").glob("**/eval.json")).parent
+    assert main(["plot", str(run_dir)]) == 0 and (run_dir / "loss.png").exists()
+    assert main(["plot", str(root / "cells")]) == 2
+
+
+def test_a_killed_cell_continues_from_its_checkpoint(bench_file, tmp_path):
+    from hybridft.bench import cell_config
+    from hybridft.train import train
+
+    spec = yaml.safe_load(bench_file.read_text())
+    spec.update(output_dir=str(tmp_path / "killed"), methods=["hybrid"], seeds=[0], lr_grid={})
+    spec["train"].update({"checkpoint-every": 2, "keep-checkpoints": 2})
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    bench = load_bench(path)
+    cell = next(cells(bench, tmp_path / "killed"))
+    out = tmp_path / "killed" / "cells" / cell.name
+    train(cell_config(bench, cell, tmp_path / "killed"))
+    (out / "eval.json").unlink()  # now it is what a cell killed after its step-2 checkpoint leaves
+    shutil.rmtree(sorted((out / "checkpoints").iterdir())[-1])
+    run_bench(bench, progress=False)
+    assert "resuming" in (out / "log.txt").read_text()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()  # keep_models is off
+
+
+def test_isolated_cell_runs_in_its_own_process(bench_file, tmp_path):
+    spec = yaml.safe_load(bench_file.read_text())
+    spec.update(output_dir=str(tmp_path / "iso"), methods=["fo-lora"], seeds=[0], isolate=True, lr_grid={})
+    path = tmp_path / "iso.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    root = run_bench(load_bench(path), progress=False)
+    row = json.loads((root / "results.json").read_text())[0]
+    assert row["method"] == "fo-lora" and row["peak_memory_mib"] > 0
+
+
+def test_unknown_bench_fields_are_one_line_errors(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("output_dir: x\nmodels: [minilm]\ntasks: [rotten_tomatoes]\ntrain: {lerning_rate: 1}\n")
+    assert main(["bench", "--config", str(path)]) == 2
+    assert "lerning_rate" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_steps_to_target_and_smoothing():
+    points = [(0, 0.0, 0.5), (10, 1.0, 0.7), (20, 2.0, 0.8)]
+    assert steps_to(points, 0.7) == 10 and steps_to(points, 0.81) is None
+    assert smooth([1.0, 3.0, 5.0], 2).tolist() == [1.0, 2.0, 4.0]
