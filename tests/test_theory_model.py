@@ -104,3 +104,6 @@ def test_lr_auto_trains_with_the_advice_and_reuses_a_measurement(measured, tiny_
     assert str(measurement) in printed and "kept: the advice" in printed
     reused = json.loads((tmp_path / "reuse" / "config.json").read_text())
     assert reused["fo_lr"] == defaults.fo_lr and reused["zo_lr"] != defaults.zo_lr
+    other = tmp_path / "other"  # a measurement of other blocks: one line, nothing written
+    assert main([*args, "--output-dir", str(other), "--smoothness", str(measurement), "--method", "fo-lora"]) == 2
+    assert "another model, adapter or method" in capsys.readouterr().err and not other.exists()

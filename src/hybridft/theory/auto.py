@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,10 +68,14 @@ def resolve(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer:
     start = time.perf_counter()
     if config.smoothness:
         try:
-            record = json.loads(open(config.smoothness, encoding="utf-8").read())
+            record = json.loads(Path(config.smoothness).read_text(encoding="utf-8"))
             data, scan = from_dict(record["measurement"]), record["measurement"]["eps_scan"]
         except (OSError, KeyError, json.JSONDecodeError) as error:
             raise ValueError(f"--smoothness {config.smoothness}: not a smoothness.json ({error})") from error
+        dims = {"theta": sum(p.numel() for p in groups.zo.values()), "phi": sum(p.numel() for p in groups.fo.values())}
+        if data.dims != dims:
+            raise ValueError(f"--smoothness {config.smoothness} was measured on blocks of {data.dims} weights, "
+                             f"this run has {dims}: another model, adapter or method")
     else:
         data, scan = _measure(config, model, groups, tokenizer, examples, device, settings or SmoothnessConfig())
     _, constants = statistics(data, torch.arange(data.items), torch.arange(next(iter(data.gram.values())).shape[0]))
