@@ -125,3 +125,13 @@ def test_steps_to_target_and_smoothing():
     points = [(0, 0.0, 0.5), (10, 1.0, 0.7), (20, 2.0, 0.8)]
     assert steps_to(points, 0.7) == 10 and steps_to(points, 0.81) is None
     assert smooth([1.0, 3.0, 5.0], 2).tolist() == [1.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("name", ["study-minilm.yaml", "study-smollm2.yaml"])
+def test_the_study_configs_are_valid_grids(name):
+    from pathlib import Path
+
+    from hybridft.bench import count
+
+    bench = load_bench(Path(__file__).parent.parent / "benchmarks" / name)
+    assert count(bench) == len(bench.tasks) * 5 * (2 + 2) and set(bench.methods) == {"hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora"}

@@ -10,7 +10,7 @@ import torch
 from hybridft import export
 from hybridft.cli import main
 from hybridft.config import TrainConfig, load_yaml
-from hybridft.evaluate import encode
+from hybridft.formulations import formulation
 from hybridft.tasks import load_task, subsample
 from hybridft.train import train
 
@@ -50,8 +50,8 @@ def test_saved_model_reloads_with_same_predictions_and_keeps_zo_updates(tiny_ber
                          zo_lr=1e-3, progress=False, output_dir=str(tmp_path / method))
     result = train(config)
     reloaded = export.load(result.output_dir)
-    dev = subsample(load_task("rotten_tomatoes").dev, 32, 0)
-    batch = encode(result.tokenizer, dev, max_length=64, device=torch.device("cpu"))
+    task = load_task("rotten_tomatoes")
+    batch = formulation(task, "encoder").encode(result.tokenizer, subsample(task.dev, 32, 0), device=torch.device("cpu"))
     batch.pop("labels")
     result.model.eval()
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_max_length_beyond_the_context_truncates_with_one_warning(tiny_bert_dir,
     with pytest.warns(UserWarning, match="exceeds the model's context of 128 tokens") as caught:
         assert main(args) == 0
     assert len([w for w in caught if "context" in str(w.message)]) == 1
-    assert json.loads((out / "config.json").read_text())["max_length"] == 128
+    assert json.loads((out / "config.json").read_text())["resolved"]["max_length"] == 128
 
 
 def test_existing_run_is_not_overwritten_without_flag(tiny_bert_dir, tmp_path, capsys):

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from hybridft import checkpoint, evaluate
+from hybridft import checkpoint
+from hybridft.formulations import SequenceClassification, head_loss
 from hybridft.cli import main
 from hybridft.config import TrainConfig
 from hybridft.train import TrainingDiverged, build, train
@@ -59,14 +60,14 @@ def test_bad_step_is_skipped_and_weights_are_bitwise_unchanged(batch, method, ca
 def test_run_stops_after_consecutive_bad_steps_keeping_the_last_good_checkpoint(tiny_bert_dir, tmp_path, monkeypatch):
     """Losses turn NaN from step 5 on (3 loss evaluations per hybrid step); checkpoints every 2 steps."""
     calls = [0]
-    original = evaluate.loss
+    original = head_loss
 
     def loss(model, batch):
         calls[0] += 1
         value = original(model, batch)
         return value * math.nan if calls[0] > 4 * 3 else value
 
-    monkeypatch.setattr(evaluate, "loss", loss)
+    monkeypatch.setattr(SequenceClassification, "loss", staticmethod(loss))
     out = tmp_path / "run"
     config = TrainConfig(model=str(tiny_bert_dir), train_size=40, dev_size=8, batch_size=8, steps=10, checkpoint_every=2,
                          max_bad_steps=3, progress=False, output_dir=str(out))

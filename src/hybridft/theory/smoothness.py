@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hybridft import evaluate
 from hybridft.sampler import ReshufflingSampler
 from hybridft.theory.config import SmoothnessConfig, floats
 from hybridft.theory.eps import eps_scan
@@ -99,8 +98,9 @@ def run_blocks(run: Run) -> dict[str, list[nn.Parameter]]:
 
 
 def batch_loss(run: Run, indices: list[int]) -> LossFn:
+    """The run's task loss (its formulation's) on the mini-batch ``indices``."""
     batch = run.batch(indices)
-    return lambda: evaluate.loss(run.model, batch)
+    return lambda: run.formulation.loss(run.model, batch)
 
 
 def start_loss_fns(run: Run, k: int) -> list[LossFn]:

@@ -1,0 +1,58 @@
+"""Model loading: the model kind from a config, and GGUF files dequantized once into a cache."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from conftest import write_tiny_gguf
+from hybridft.models import dequantized, load, model_kind, resolve
+
+
+def test_model_kind_from_config(tiny_causal_dirs, tiny_bert_dir):
+    assert {family: model_kind(str(path)) for family, path in tiny_causal_dirs.items()} == dict.fromkeys(tiny_causal_dirs, "causal")
+    assert model_kind(str(tiny_bert_dir)) == "encoder"
+    assert model_kind(resolve("minilm")) == "encoder"
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory: pytest.TempPathFactory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_gguf_is_dequantized_once_and_the_copy_loads_the_same_model(gguf_file, tmp_path, monkeypatch):
+    import transformers
+
+    cache = str(tmp_path / "cache")
+    first = dequantized(str(gguf_file), cache)
+    assert (first / "model.safetensors").is_file() and (first / "tokenizer.json").is_file()
+    assert not list(first.parent.glob("*.tmp*")), "the temporary folder was not renamed"
+    direct = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted the GGUF file again")
+
+    monkeypatch.setattr(transformers, "GgufConfig", no_conversion)  # a second conversion would fail here
+    start = time.perf_counter()
+    loaded = load(str(gguf_file), "AutoModelForCausalLM", cache_dir=cache)
+    assert time.perf_counter() - start < 5.0
+    assert loaded.path == str(first) and loaded.head_modules == []
+    ids = torch.tensor([loaded.tokenizer("it was great")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, direct(ids).logits)
+
+
+def test_a_changed_gguf_file_gets_a_new_cache_entry(gguf_file, tmp_path):
+    cache = str(tmp_path / "cache")
+    first = dequantized(str(gguf_file), cache)
+    stat = gguf_file.stat()
+    os.utime(gguf_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert dequantized(str(gguf_file), cache) != first
+
+
+def test_missing_gguf_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="GGUF file not found"):
+        dequantized(str(tmp_path / "nope.gguf"), str(tmp_path))
