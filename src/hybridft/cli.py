@@ -25,10 +25,15 @@ EVAL_FIELDS = ("model", "model_kind", "score", "cache_dir", "task", "data_dir", 
 
 
 def add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
-    """One flag per TrainConfig field (or per field in ``names``); every default is None so that
-    unset flags are known."""
+    """--config FILE.yaml and one flag per TrainConfig field (or per field in ``names``)."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields; flags override it")
-    for f in dataclasses.fields(TrainConfig):
+    add_dataclass_flags(parser, TrainConfig, names)
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None) -> None:
+    """One flag per field of the dataclass ``cls`` (or per field in ``names``); every default is
+    None so that unset flags are known."""
+    for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -38,6 +43,12 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | Non
         else:
             parser.add_argument(flag, type=_flag_type(str(f.type)), default=None, help=help_text,
                                 choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper())
+
+
+def dataclass_from_args(args: argparse.Namespace, cls: type) -> Any:
+    """An instance of ``cls`` from the flags that were given (the others keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    return cls(**values)
 
 
 def given_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,6 +98,12 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", metavar="RUN_DIR")
     evaluate = commands.add_parser("eval", help="zero-shot accuracy of a model on a task (where training starts)")
     add_config_flags(evaluate, EVAL_FIELDS)
+    from hybridft.theory.config import SmoothnessConfig
+
+    smoothness = commands.add_parser("smoothness", help="measure block-wise smoothness along a training trajectory, advise step sizes (docs/theory.md)")
+    add_config_flags(smoothness)
+    add_dataclass_flags(smoothness, SmoothnessConfig)
+    smoothness.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a measurement")
     return root
 
 
@@ -111,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 2
     warnings.formatwarning = one_line_warning
     try:
-        if args.command in ("train", "replay", "bench", "eval"):
+        if args.command in ("train", "replay", "bench", "eval", "smoothness"):
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # per-file load/save bars; ours is the training bar
@@ -145,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hybridft.zero_shot import zero_shot
 
             print(report(zero_shot(config_from_args(args))))
+        elif args.command == "smoothness":
+            from hybridft.theory.command import smoothness
+            from hybridft.theory.config import SmoothnessConfig
+
+            smoothness(config_from_args(args), dataclass_from_args(args, SmoothnessConfig), overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as error:
         print(f"hybridft: error: {error}", file=sys.stderr)
         return 2

@@ -36,6 +36,8 @@ class TrainConfig:
     zo_lr: float = _f(1e-6, "learning rate of the ZO group (base weights; adapter for zo-lora)")
     fo_lr: float = _f(5e-3, "learning rate of the FO group (adapter + head; all weights for fo-full)")
     eps: float = _f(1e-3, "ZO perturbation scale")
+    lr: str | None = _f(None, "auto: set zo-lr, fo-lr (plain SGD) and eps from a short smoothness measurement at the start (docs/theory.md)")
+    smoothness: str | None = _f(None, "with --lr auto: use this smoothness.json (from hybridft smoothness) instead of measuring")
     seed: int = _f(0, "seed of the data split, sampler, ZO directions and initialisation")
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
@@ -86,6 +88,8 @@ class TrainConfig:
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr not in (None, "auto") or (self.smoothness and self.lr != "auto"):
+            raise ValueError(f"--lr takes only auto (with --smoothness FILE optional); got lr={self.lr!r}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be 0 or positive, got {self.eval_every}")
         if self.epochs is not None and self.epochs <= 0:

@@ -169,6 +169,13 @@ def build(config: TrainConfig) -> Run:
     model.to(device)
 
     steps = total_steps(config, len(train_set), world.size)
+    if config.lr == "auto":  # zo-lr, fo-lr and eps from the measured smoothness (docs/theory.md)
+        from hybridft.theory.auto import resolve
+
+        resolved = resolve(config, model, groups, tokenizer, posed, train_set, device, steps)
+        config = resolved.config
+        if world.rank == 0:
+            print(resolved.message)
     optimizer = build_optimizer(
         model, groups, zo_lr=config.zo_lr, fo_lr=config.fo_lr, eps=config.eps, seed=config.seed,
         fo_optimizer=config.fo_optimizer, fo_momentum=config.fo_momentum,
