@@ -91,6 +91,8 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
         fo_optimizer=config.fo_optimizer, fo_momentum=config.fo_momentum,
         zo_weight_decay=config.zo_weight_decay, fo_weight_decay=config.fo_weight_decay,
         num_directions=config.num_directions, one_sided=config.one_sided, distribution=config.distribution,
+        fused=config.fused, z_cache=config.z_cache, z_dtype=config.z_dtype, embedding_rows=config.embedding_rows,
+        threads=config.zo_threads,
     )
     schedule_names = [config.zo_schedule] + [config.fo_schedule] * (len(optimizer.param_groups) - 1)
     lr_scheduler = scheduler(optimizer, schedule_names, total_steps=steps, warmup_steps=config.warmup_steps)
@@ -108,7 +110,9 @@ def train(config: TrainConfig, *, overwrite: bool = False) -> Result:
             batch = evaluate.encode(tokenizer, [train_set[i] for i in indices], max_length=config.max_length, device=device)
 
             def closure() -> torch.Tensor:
-                model.train(torch.is_grad_enabled())  # ZO evaluations: eval mode, same function at +eps and -eps
+                # ZO evaluations: one function at +eps and -eps (eval mode; with --fused the FO pass is one
+                # of them, so all run in train mode, the optimizer replaying the RNG so dropout masks agree)
+                model.train(torch.is_grad_enabled() or config.fused)
                 optimizer.zero_grad()
                 value = evaluate.loss(model, batch)
                 if torch.is_grad_enabled():
