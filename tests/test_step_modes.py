@@ -258,3 +258,17 @@ def test_cli_runs_the_modes_and_refuses_them_where_they_mean_nothing(tiny_bert_d
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("shape", [(1000, 24), (3001, 7), (70_001,)])
+def test_blockwise_generation_is_the_whole_draw(shape):
+    """The update and an embedding's perturbation hold one block of z; the values must not change."""
+    from hybridft.zo import direction_blocks, direction_rows
+
+    like = torch.empty(shape)
+    whole = direction(like, seed=4, key=5)
+    blocks = list(direction_blocks(like, seed=4, key=5, block_values=4096))
+    assert len(blocks) > 2 and torch.equal(torch.cat([b for _, b in blocks]), whole)
+    assert [start for start, _ in blocks] == [0, *torch.tensor([len(b) for _, b in blocks]).cumsum(0)[:-1].tolist()]
+    rows = torch.tensor([0, 3, 17, shape[0] - 1])
+    assert torch.equal(direction_rows(like, rows, seed=4, key=5, block_values=4096), whole[rows])

@@ -27,7 +27,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from hybridft.zo import Distribution, ZDtype, direction
+from hybridft.zo import Distribution, ZDtype, direction, direction_rows
 
 T = TypeVar("T")
 
@@ -87,10 +87,13 @@ class Directions:
         return z
 
     def z_rows(self, param: torch.Tensor, key: int, rows: torch.Tensor) -> torch.Tensor:
-        """z on ``rows`` of ``param`` (a perturbation that only the batch's rows need)."""
+        """z on ``rows`` of ``param`` (a perturbation that only the batch's rows need); without
+        a cache, the full-support z is generated a block at a time (``zo.direction_rows``)."""
         if key in self.row_keys:
             self.record_rows(key, rows)
             return self.z(param, key)
+        if self.cache is None:
+            return direction_rows(param, rows, seed=self.seed, key=key, distribution=self.distribution, dtype=self.dtype)
         return self.z(param, key)[rows]
 
     def fill_cache(self, keys: Mapping[nn.Parameter, int], threads: int = 1) -> None:

@@ -177,7 +177,8 @@ class HybridOptimizer(torch.optim.Optimizer):
 
         def one(item: tuple[nn.Parameter, int]) -> None:
             p, key = item
-            update_(p, key=key, update=update, z_of=lambda i: directions[i].z(p, key))
+            cached = group["z_cache"]
+            update_(p, key=key, update=update, z_of=(lambda i: directions[i].z(p, key)) if cached else None)
 
         parallel_map(one, self.keys.items(), self.threads)
         return update

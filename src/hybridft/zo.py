@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,6 +81,53 @@ def direction(
     else:
         z = _signs(shape, generator=generator, dtype=draw_dtype, device=like.device)
     return z.to(like.dtype)
+
+
+BLOCK_VALUES = 1 << 20
+
+
+def direction_blocks(
+    like: torch.Tensor, *, seed: int, key: int, distribution: Distribution = "gaussian", dtype: ZDtype = "float32",
+    block_values: int = BLOCK_VALUES,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``direction(like, ...)`` as consecutive blocks of rows ``(first_row, z[first_row:...])``,
+    so a consumer holds about ``block_values`` values of z instead of ``like.numel()``.
+
+    Blocks are used where they reproduce the whole draw bit for bit: a CPU generator's fp32
+    Gaussian stream is the same drawn at once or in consecutive pieces of a multiple of 16
+    values (tested); elsewhere (CUDA, Rademacher, other draw dtypes, small tensors) the one
+    block is the whole z.
+    """
+    row = math.prod(like.shape[1:]) if like.dim() > 1 else 1
+    blockwise = (like.device.type == "cpu" and distribution == "gaussian" and dtype == "float32"
+                 and like.dim() >= 1 and like.numel() > 2 * block_values)
+    if not blockwise:
+        yield 0, direction(like, seed=seed, key=key, distribution=distribution, dtype=dtype)
+        return
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(_splitmix64(seed ^ key) & ((1 << 63) - 1))
+    rows_per_block = 16 * max(1, block_values // (16 * row))  # a multiple of 16 values per block
+    start, n_rows = 0, like.shape[0]
+    while start < n_rows:
+        stop = min(start + rows_per_block, n_rows)
+        if (n_rows - stop) * row < 16:
+            stop = n_rows  # never leave a last block shorter than 16 values
+        z = torch.randn((stop - start, *like.shape[1:]), generator=generator, dtype=torch.float32)
+        yield start, z.to(like.dtype)
+        start = stop
+
+
+def direction_rows(
+    like: torch.Tensor, rows: torch.Tensor, *, seed: int, key: int, distribution: Distribution = "gaussian",
+    dtype: ZDtype = "float32", block_values: int = BLOCK_VALUES,
+) -> torch.Tensor:
+    """``direction(like, ...)[rows]`` for sorted ``rows``, holding one block of z at a time."""
+    pieces = []
+    for start, block in direction_blocks(like, seed=seed, key=key, distribution=distribution, dtype=dtype,
+                                         block_values=block_values):
+        inside = rows[(rows >= start) & (rows < start + len(block))]
+        pieces.append(block[inside - start])
+    return torch.cat(pieces)
 
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
@@ -157,19 +204,25 @@ def update_(
     """Apply one logged ZO update to one parameter, in place.
 
     ``z_of(i)`` may hand over the direction of ``update.seeds[i]`` (from a z-cache); by default
-    it is regenerated. Cost: len(update.seeds) passes of direction generation over the
-    parameter (none with a cache); no extra memory beyond one direction at a time.
+    it is regenerated, a block at a time where that gives the same z (``direction_blocks``).
+    Cost: len(update.seeds) passes of direction generation over the parameter (none with a
+    cache); extra memory: one block of z (one direction's slice where blocks do not apply).
     """
     if update.weight_decay:
         param.mul_(1.0 - update.lr * update.weight_decay)
     q = len(update.seeds)
     rows = update.rows_of(key, param.device)
     for i, (seed, g) in enumerate(zip(update.seeds, update.projected_grads, strict=True)):
+        alpha = -update.lr * g / q
         if z_of is not None:
-            z = z_of(i)
-        else:
+            add_direction_(param, z_of(i), alpha=alpha, rows=rows)
+        elif rows is not None:
             z = direction(param, seed=seed, key=key, distribution=update.distribution, dtype=update.z_dtype, rows=rows)
-        add_direction_(param, z, alpha=-update.lr * g / q, rows=rows)
+            add_direction_(param, z, alpha=alpha, rows=rows)
+        else:
+            for start, z in direction_blocks(param, seed=seed, key=key, distribution=update.distribution,
+                                             dtype=update.z_dtype):
+                param[start : start + len(z)].add_(z, alpha=alpha)
 
 
 def replay_(named_params: Iterable[tuple[str, torch.Tensor]], updates: Sequence[ZOUpdate]) -> None:
