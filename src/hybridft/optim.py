@@ -228,6 +228,8 @@ class HybridOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if (state_dict["fo"] is None) != (self.fo_optimizer is None):
             raise ValueError("state_dict and optimizer disagree on whether there is an FO part")
+        if bool(state_dict["zo_group"].get("embedding_rows", False)) != bool(self.row_keys):
+            raise ValueError("state_dict and optimizer disagree on embedding_rows (set it when building the optimizer)")
         self.num_steps = int(state_dict["num_steps"])
         self.seed = int(state_dict["seed"])
         self.zo_group.update(state_dict["zo_group"])
