@@ -137,6 +137,28 @@ def test_fused_projected_grad_is_the_separate_one(one_sided):
     assert grads[0] == pytest.approx(grads[1], rel=1e-4, abs=1e-4)
 
 
+def test_fused_one_sided_step_is_the_separate_one_sided_step():
+    """Same seed, batch and mode: the FO pass at theta is the same, and its loss is the anchor."""
+    weights = []
+    for fused in (False, True):
+        model, groups, opt = tiny(fused=fused, one_sided=True)
+        start = {n: p.detach().clone() for n, p in groups.fo.items()}
+        for step in range(2):
+            opt.step(closure_for(model, opt, batch(step)))
+        assert all(not torch.equal(start[n], p) for n, p in groups.fo.items())  # the adapter learned
+        weights.append({n: p.detach().clone() for n, p in (groups.zo | groups.fo).items()})
+    assert all(torch.allclose(weights[0][n], weights[1][n], rtol=0, atol=1e-6) for n in weights[0])
+
+
+def test_fused_two_sided_step_moves_the_adapter():
+    model, groups, opt = tiny(fused=True)
+    start = {n: p.detach().clone() for n, p in groups.fo.items()}
+    for step in range(2):  # LoRA's B starts at 0, so A's gradient is 0 in the first step
+        opt.step(closure_for(model, opt, batch(step)))
+        assert all(p.grad is not None for p in groups.fo.values())
+    assert all(not torch.equal(start[n], p) for n, p in groups.fo.items())
+
+
 def test_fused_fo_pass_is_the_gradient_at_the_perturbed_point_and_restores_exactly():
     model, groups, opt = tiny()
     model.eval()

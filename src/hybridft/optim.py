@@ -145,29 +145,29 @@ class HybridOptimizer(torch.optim.Optimizer):
                 d.fill_cache(self.keys, self.threads)
         return directions
 
-    def _zo_estimate(self, closure: Closure, directions: list[Directions]) -> tuple[list[float], torch.Tensor | None]:
-        """The projected gradients g_i, and the FO loss when the FO pass was one of the evaluations.
+    def _zo_estimate(self, closure: Closure, directions: list[Directions]) -> tuple[list[float], torch.Tensor]:
+        """The projected gradients g_i, and the step's loss.
 
-        Separate: (one-sided: L(theta) under no_grad, so that all ZO losses see the same mode),
-        then L(theta +- eps z_i). Fused two-sided: the FO pass gives L(theta + eps z_1). Fused
-        one-sided: the FO pass gives L(theta)."""
+        Evaluation points: L(theta) (one-sided, under no_grad too, so that all ZO losses see the
+        same mode), then L(theta +- eps z_i). Fused, one of them is the FO pass (with grad):
+        L(theta + eps z_1) two-sided, L(theta) one-sided. It runs last, because every closure
+        call zeroes the gradients before its forward."""
         group = self.zo_group
         eps, one_sided, fused = group["eps"], group["one_sided"], group["fused"]
-        fo_loss, anchor = None, None
-        if one_sided:
-            anchor = fo_loss = self._evaluate(closure, grad=fused)
-        grads, losses = [], []
+        points: dict[object, tuple[Directions | None, float]] = {"theta": (None, 0.0)} if one_sided else {}
         for i, d in enumerate(directions):
-            if fused and not one_sided and i == 0:
-                plus = fo_loss = self._evaluate(closure, d, eps, grad=True)
-            else:
-                plus = self._evaluate(closure, d, eps)
-            minus = anchor if one_sided else self._evaluate(closure, d, -eps)
-            grads.append(projected_grad(float(plus), float(minus), eps, one_sided=one_sided))
-            losses += [float(plus), float(minus)]
-        if fused and not one_sided:  # the step's loss: L(theta) up to O(eps^2)
-            fo_loss = torch.tensor(sum(losses[:2]) / 2)
-        return grads, (fo_loss if fused else torch.tensor(sum(losses) / len(losses)))
+            points[i, 1] = (d, eps)
+            if not one_sided:
+                points[i, -1] = (d, -eps)
+        fo_point = ("theta" if one_sided else (0, 1)) if fused else None
+        losses = {name: float(self._evaluate(closure, *at)) for name, at in points.items() if name != fo_point}
+        if fo_point is not None:
+            losses[fo_point] = float(self._evaluate(closure, *points[fo_point], grad=True))
+        pairs = [(losses[i, 1], losses["theta" if one_sided else (i, -1)]) for i in range(len(directions))]
+        grads = [projected_grad(plus, minus, eps, one_sided=one_sided) for plus, minus in pairs]
+        if fused:  # the loss at theta: the FO pass's (one-sided), or up to O(eps^2) the mean of L(theta +- eps z_1)
+            return grads, torch.tensor(losses["theta"] if one_sided else sum(pairs[0]) / 2)
+        return grads, torch.tensor(sum(sum(pair) for pair in pairs) / (2 * len(pairs)))
 
     def _update_(self, grads: list[float], directions: list[Directions]) -> ZOUpdate:
         group = self.zo_group
