@@ -256,6 +256,21 @@ def test_embedding_rows_refuse_tied_and_non_zo_embeddings():
         input_embedding_key(model, {})
 
 
+def test_embedding_rows_refuse_a_causal_lm_with_tied_head_and_accept_its_classifier():
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=0)
+    for cls, tied in ((LlamaForCausalLM, True), (LlamaForSequenceClassification, False)):
+        model = cls(config)
+        keys = {p: parameter_key(n) for n, p in model.named_parameters()}
+        if tied:
+            with pytest.raises(ValueError, match="untied"):
+                input_embedding_key(model, keys)
+        else:
+            assert input_embedding_key(model, keys) == keys[model.get_input_embeddings().weight]
+
+
 def test_z_dtype_param_draws_in_the_weights_dtype():
     like = torch.empty(1000, dtype=torch.bfloat16)
     z = direction(like, seed=1, key=2, dtype="param")
