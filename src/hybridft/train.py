@@ -181,6 +181,8 @@ def build(config: TrainConfig) -> Run:
         fo_optimizer=config.fo_optimizer, fo_momentum=config.fo_momentum,
         zo_weight_decay=config.zo_weight_decay, fo_weight_decay=config.fo_weight_decay,
         num_directions=config.num_directions, one_sided=config.one_sided, distribution=config.distribution,
+        fused=config.fused, z_cache=config.z_cache, z_dtype=config.z_dtype, embedding_rows=config.embedding_rows,
+        threads=config.zo_threads,
     )
     schedule_names = [config.zo_schedule] + [config.fo_schedule] * (len(optimizer.param_groups) - 1)
     lr_scheduler = scheduler(optimizer, schedule_names, total_steps=steps, warmup_steps=config.warmup_steps)
@@ -202,13 +204,15 @@ def fit_context(posed: Formulation, context: int | None) -> Formulation:
 
 def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                  loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = head_loss,
-                 ) -> Callable[[], torch.Tensor]:
+                 *, fused: bool = False) -> Callable[[], torch.Tensor]:
     """The closure ``HybridOptimizer.step`` calls: the batch ``loss`` (the formulation's), with
     backward only when grad is enabled (the FO evaluation). ZO evaluations run in eval mode, so
-    +eps and -eps see the same function (no dropout noise in the difference)."""
+    +eps and -eps see the same function (no dropout noise in the difference); ``fused``: the FO
+    pass is one of them, so all run in train mode (the optimizer replays the RNG so that dropout
+    masks agree)."""
 
     def closure() -> torch.Tensor:
-        model.train(torch.is_grad_enabled())
+        model.train(torch.is_grad_enabled() or fused)
         optimizer.zero_grad()
         value = loss(model, batch)
         if torch.is_grad_enabled():
@@ -225,7 +229,7 @@ def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
     parallel = run.data_parallel
     sent, waited = (dict(parallel.sent), parallel.seconds) if parallel else ({}, 0.0)
     reduce = parallel.reducer(len(indices)) if parallel else None
-    closure = loss_closure(run.model, run.optimizer, run.batch(indices), run.formulation.loss)
+    closure = loss_closure(run.model, run.optimizer, run.batch(indices), run.formulation.loss, fused=run.config.fused)
     loss = float(run.optimizer.step(closure, reduce=reduce))
     run.lr_scheduler.step()
     update = run.optimizer.last_update
