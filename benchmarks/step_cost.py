@@ -1,12 +1,19 @@
-"""Step cost of every method against the plain passes it needs, on MiniLM at batch 16 x 64 tokens.
+"""Step cost of every method and step mode against the plain passes it needs, at batch 16 x 64 tokens.
 
-    python benchmarks/step_cost.py [--model minilm] [--batch 16] [--tokens 64] [--steps 5] [--threads 2]
+    python benchmarks/step_cost.py [--model minilm|smollm2] [--batch 16] [--tokens 64] [--steps 5] [--threads 2]
+                                   [--rows fo-lora,hybrid,...] [--generation]
 
-For each method, in a fresh subprocess (so that peak memory is per method): the median time
-of a plain forward (no grad), a plain forward+backward (LoRA for adapter methods, all weights
-for fo-full), and one optimizer step; the step's ratio to the sum of the plain passes it
-needs (hybrid: fwd+bwd + 2 fwd; fo-*: fwd+bwd; zo-*: 2 fwd); and peak memory (CUDA: max
-allocated; CPU: peak RSS of the process, whose model load is common to all methods).
+For each row (a method and a step mode), in a fresh subprocess (so that peak memory is per
+row): the peak memory of the steps (CUDA: max allocated; CPU: peak RSS of the process, whose
+model load is common to all rows), then ``--steps`` rounds of one plain forward (no grad), one
+plain forward+backward (LoRA for adapter methods, all weights for fo-full) and one optimizer
+step, interleaved so that a change of machine load hits all three alike; the medians; and the
+step's ratio to the plain passes it needs (hybrid: fwd+bwd + 2 fwd, fused: fwd+bwd + 1 fwd,
+fo-*: fwd+bwd, zo-*: 2 fwd). ``--generation`` instead times one pass of z generation over the
+model's weights for each distribution, draw dtype and thread count.
+
+``smollm2`` is a LlamaForSequenceClassification with SmolLM2-135M's shape, built from its config
+with random weights (no checkpoint is available offline; step cost does not depend on values).
 """
 
 from __future__ import annotations
@@ -21,18 +28,27 @@ import time
 
 import torch
 
-NEEDS = {"hybrid": ("fwdbwd", 1, "fwd", 2), "fo-lora": ("fwdbwd", 1, "fwd", 0), "fo-full": ("fwdbwd", 1, "fwd", 0),
-         "zo-full": ("fwdbwd", 0, "fwd", 2), "zo-lora": ("fwdbwd", 0, "fwd", 2)}
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+# name -> (method, HybridOptimizer step modes, fwd+bwd passes needed, fwd passes needed)
+ROWS = {
+    "fo-lora": ("fo-lora", {}, 1, 0),
+    "hybrid": ("hybrid", {}, 1, 2),
+    "hybrid fused": ("hybrid", {"fused": True}, 1, 1),
+    "hybrid fused one-sided": ("hybrid", {"fused": True, "one_sided": True}, 1, 1),
+    "hybrid z-cache": ("hybrid", {"z_cache": True}, 1, 2),
+    "hybrid embedding-rows": ("hybrid", {"embedding_rows": True}, 1, 2),
+    "hybrid rademacher": ("hybrid", {"distribution": "rademacher"}, 1, 2),
+    "hybrid zo-threads 2": ("hybrid", {"threads": 2}, 1, 2),
+    "hybrid fused+rows+cache": ("hybrid", {"fused": True, "embedding_rows": True, "z_cache": True, "threads": 2}, 1, 1),
+    "hybrid fused+rows+rademacher": ("hybrid", {"fused": True, "embedding_rows": True, "distribution": "rademacher"}, 1, 1),
+    "zo-full": ("zo-full", {}, 0, 2),
+    "zo-full z-cache": ("zo-full", {"z_cache": True, "threads": 2}, 0, 2),
+    "zo-full embedding-rows": ("zo-full", {"embedding_rows": True}, 0, 2),
+    "zo-full rows+cache+rademacher": ("zo-full", {"embedding_rows": True, "z_cache": True, "threads": 2,
+                                                  "distribution": "rademacher"}, 0, 2),
+    "zo-lora": ("zo-lora", {}, 0, 2),
+    "fo-full": ("fo-full", {}, 1, 0),
+}
+DEFAULT_ROWS = ",".join(ROWS)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -41,27 +57,48 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
+def smollm2_shaped() -> torch.nn.Module:
+    """SmolLM2-135M's architecture (30 layers, 576 wide, 49,152-token vocabulary), random weights."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, num_labels=2, pad_token_id=0)
+    return LlamaForSequenceClassification(config)
+
+
+def load(name: str, method: str) -> torch.nn.Module:
+    from hybridft.methods import USES_ADAPTER, lora_config, wrap
+    from hybridft.models import load_classifier
+
+    if name == "smollm2":
+        model, heads = smollm2_shaped(), ["score"]
+    else:
+        loaded = load_classifier(name, 2)
+        model, heads = loaded.model, loaded.head_modules
+    if USES_ADAPTER[method]:
+        model = wrap(model, lora_config(r=8, alpha=16, dropout=0.0, target_modules=None, head_modules=heads))
+    return model
+
+
+def measure(row: str, args: argparse.Namespace) -> dict[str, float]:
     from transformers.utils import logging as hf_logging
 
-    from hybridft.methods import USES_ADAPTER, assign, build_optimizer, lora_config, wrap
-    from hybridft.models import load_classifier
+    from hybridft.methods import assign, build_optimizer
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    method, modes, _, _ = ROWS[row]
     device = torch.device(args.device)
-    loaded = load_classifier(args.model, 2)
-    model = loaded.model
-    if USES_ADAPTER[method]:
-        model = wrap(model, lora_config(r=8, alpha=16, dropout=0.0, target_modules=None, head_modules=loaded.head_modules))
+    model = load(args.model, method)
     groups = assign(method, model)
     model.to(device).eval()  # no dropout: every pass computes the same function
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (args.batch, args.tokens), generator=g)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
              "labels": torch.randint(2, (args.batch,), generator=g).to(device)}
-    optimizer = build_optimizer(model, groups, zo_lr=1e-7, fo_lr=1e-4, eps=1e-3, seed=0)
+    optimizer = build_optimizer(model, groups, zo_lr=1e-7, fo_lr=1e-4, eps=1e-3, seed=0, **modes)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -70,12 +107,10 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     def fwd() -> None:
         with torch.no_grad():
             model(**batch)
-        sync()
 
     def fwdbwd() -> None:
         optimizer.zero_grad()
         model(**batch).loss.backward()
-        sync()
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -86,44 +121,93 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
 
     def step() -> None:
         optimizer.step(closure)
-        sync()
 
-    rss_before = peak_memory_mib(device)
-    t_step = timed(step, args.steps)
-    peak = peak_memory_mib(device)
-    t_fwd = timed(fwd, args.steps)
-    t_fwdbwd = timed(fwdbwd, args.steps) if groups.fo else float("nan")
-    return {"fwd": t_fwd, "fwdbwd": t_fwdbwd, "step": t_step, "peak_mib": peak, "peak_before_steps_mib": rss_before,
-            "zo_params": sum(p.numel() for p in groups.zo.values()), "fo_params": sum(p.numel() for p in groups.fo.values())}
+    passes = {"fwd": fwd, "step": step} | ({"fwdbwd": fwdbwd} if groups.fo else {})
+    step()  # warm-up
+    step()
+    sync()
+    peak = peak_memory_mib(device)  # the steps' peak, before any plain pass ran
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(args.steps):
+        for name, fn in passes.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    result = {name: statistics.median(ts) for name, ts in times.items()}
+    return result | {"peak_mib": peak, "cache_mib": optimizer.last_cache_bytes / 2**20,
+                     "zo_params": sum(p.numel() for p in groups.zo.values()),
+                     "fo_params": sum(p.numel() for p in groups.fo.values())}
+
+
+def generation(args: argparse.Namespace) -> None:
+    """Seconds for one pass of z generation over the model's weights, per option."""
+    from hybridft.directions import parallel_map
+    from hybridft.zo import direction, parameter_key
+
+    model = load(args.model, "zo-full")
+    named = [(parameter_key(n), p.detach()) for n, p in model.named_parameters()]
+    print(f"z generation over {sum(p.numel() for _, p in named):,} weights, model={args.model}, "
+          f"torch threads={args.threads}")
+    print("| weights | distribution | drawn in | gen threads | seconds per pass |")
+    print("|---|---|---|---|---|")
+    torch.set_num_threads(args.threads)
+    for weights_dtype in (torch.float32, torch.bfloat16):
+        likes = [(k, torch.empty_like(p, dtype=weights_dtype)) for k, p in named]
+        for distribution in ("gaussian", "rademacher"):
+            for dtype in ("float32", "param"):
+                for threads in (1, 2):
+                    if weights_dtype == torch.float32 and dtype == "param":
+                        continue  # the same draw as float32
+
+                    def one_pass() -> None:
+                        parallel_map(lambda kp: direction(kp[1], seed=1, key=kp[0], distribution=distribution,
+                                                          dtype=dtype), likes, threads)
+
+                    one_pass()
+                    times = []
+                    for _ in range(args.steps):
+                        start = time.perf_counter()
+                        one_pass()
+                        times.append(time.perf_counter() - start)
+                    print(f"| {str(weights_dtype).replace('torch.', '')} | {distribution} | "
+                          f"{'weights dtype' if dtype == 'param' else 'float32'} | {threads} | "
+                          f"{statistics.median(times):.3f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--model", default="minilm", help="minilm (packaged checkpoint) or smollm2 (its shape)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", default="fo-lora,hybrid,zo-full,zo-lora,fo-full")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from: {DEFAULT_ROWS}")
+    parser.add_argument("--generation", action="store_true", help="time z generation per option instead")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generation:
+        generation(args)
+        return
     if args.one:
         print(json.dumps(measure(args.one, args)))
         return
-    rows = {}
-    for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--one", method, *sys.argv[1:]]
-        rows[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    print(f"model={args.model} batch={args.batch}x{args.tokens} threads={args.threads} device={args.device} torch={torch.__version__}")
-    print("| method | ZO params | FO params | fwd s | fwd+bwd s | step s | passes needed | step / passes | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for method, r in rows.items():
-        a, na, b, nb = NEEDS[method]
-        passes = (na * r[a] if na else 0.0) + (nb * r[b] if nb else 0.0)
-        needed = " + ".join(p for p in (f"{na} fwd+bwd" if na else "", f"{nb} fwd" if nb else "") if p)
-        print(f"| {method} | {r['zo_params']:,} | {r['fo_params']:,} | {r['fwd']:.3f} | {r['fwdbwd']:.3f} | {r['step']:.3f} "
-              f"| {needed} | {r['step'] / passes:.2f} | {r['peak_mib']:.0f} |")
+    print(f"model={args.model} batch={args.batch}x{args.tokens} threads={args.threads} device={args.device} "
+          f"torch={torch.__version__}")
+    print("| method / mode | ZO params | FO params | fwd s | fwd+bwd s | step s | passes needed | step / passes "
+          "| peak MiB | z-cache MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in args.rows.split(","):
+        cmd = [sys.executable, __file__, "--one", row, *sys.argv[1:]]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        _, _, n_fwdbwd, n_fwd = ROWS[row]
+        passes = n_fwdbwd * r.get("fwdbwd", 0.0) + n_fwd * r["fwd"]
+        needed = " + ".join(p for p in (f"{n_fwdbwd} fwd+bwd" if n_fwdbwd else "", f"{n_fwd} fwd" if n_fwd else "") if p)
+        print(f"| {row} | {r['zo_params']:,} | {r['fo_params']:,} | {r['fwd']:.3f} | {r.get('fwdbwd', float('nan')):.3f} "
+              f"| {r['step']:.3f} | {needed} | {r['step'] / passes:.2f} | {r['peak_mib']:.0f} | {r['cache_mib']:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

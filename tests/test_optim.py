@@ -23,9 +23,11 @@ def hybrid_setup(method: str = "hybrid", fo_optimizer: str = "sgd", seed: int = 
     return model, groups, opt, sched
 
 
-def closure_for(model, opt, batch):
+def closure_for(model, opt, batch, same_mode: bool = False):
+    """The LBFGS-style closure; ``same_mode``: train mode for the no-grad evaluations too (fused)."""
+
     def closure():
-        model.train(torch.is_grad_enabled())
+        model.train(torch.is_grad_enabled() or same_mode)
         opt.zero_grad()
         loss = model(**batch).loss
         if torch.is_grad_enabled():

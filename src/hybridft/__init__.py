@@ -1,5 +1,6 @@
 """hybridft: hybrid fine-tuning, zeroth-order on the base weights and first-order on a peft adapter."""
 
+from hybridft.directions import Directions
 from hybridft.optim import HybridOptimizer
 from hybridft.sampler import ReshufflingSampler
 from hybridft.split import Partition, split
@@ -8,6 +9,7 @@ from hybridft.zo import ZOUpdate, direction, parameter_key, perturb_, projected_
 __version__ = "0.1.0"
 
 __all__ = [
+    "Directions",
     "HybridOptimizer",
     "Partition",
     "ReshufflingSampler",

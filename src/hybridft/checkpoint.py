@@ -115,11 +115,13 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def save(run: Run, out: Path, step: int, *, logs: dict[str, int], extra: dict[str, Any], keep: int) -> Path:
+def save(run: Run, out: Path, step: int, *, logs: dict[str, int], extra: dict[str, Any], keep: int,
+         rng: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint of ``run`` after ``step`` steps; keep the newest ``keep``.
 
     ``logs`` maps a log file name to its size in bytes at this step (flushed and fsync'ed by the
-    caller); ``extra`` holds JSON values of the loop. Refuses non-finite weights, so a
+    caller); ``extra`` holds JSON values of the loop; ``rng`` replaces this process's RNG states
+    (data parallelism: ``{"ranks": [the states of rank 0, 1, ...]}``). Refuses non-finite weights, so a
     checkpoint is always one a run can continue from.
     Cost: one write of the model and optimizer state, one pass over the weights.
     """
@@ -132,7 +134,7 @@ def save(run: Run, out: Path, step: int, *, logs: dict[str, int], extra: dict[st
         "optimizer": split_tensors(run.optimizer.state_dict(), tensors, "optimizer"),
         "lr_scheduler": split_tensors(run.lr_scheduler.state_dict(), tensors, "lr_scheduler"),
         "sampler": run.sampler.state_dict(),
-        "rng": split_tensors(rng_state(), tensors, "rng"),
+        "rng": split_tensors(rng if rng is not None else rng_state(), tensors, "rng"),
         "logs": logs,
         "extra": extra,
     }
@@ -166,10 +168,14 @@ def load(run: Run, path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot load checkpoint {path} ({str(error).splitlines()[0]}); delete it to resume from the one before") from error
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model (e.g. {(missing or unexpected)[0]})")
+    rng = join_tensors(state["rng"], tensors)
+    ranks = len(rng["ranks"]) if "ranks" in rng else 1
+    if ranks != run.world.size:
+        raise ValueError(f"checkpoint {path} was written by a run on {ranks} rank(s); resume it on {ranks}, not {run.world.size}")
     run.optimizer.load_state_dict(join_tensors(state["optimizer"], tensors))
     run.lr_scheduler.load_state_dict(join_tensors(state["lr_scheduler"], tensors))
     run.sampler.load_state_dict(state["sampler"])
-    set_rng_state(join_tensors(state["rng"], tensors))
+    set_rng_state(rng["ranks"][run.world.rank] if "ranks" in rng else rng)
     return state
 
 
@@ -207,13 +213,16 @@ class Logs:
             f.close()
 
 
-def resume(run: Run, out: Path, logs: tuple[str, ...]) -> dict[str, Any]:
+def resume(run: Run, out: Path, logs: tuple[str, ...], *, write: bool = True) -> dict[str, Any]:
     """Load the latest checkpoint of ``out`` into ``run`` (none: ``run`` stays at step 0) and cut
-    ``logs`` back to their sizes then. Returns the checkpoint's state (``step``, ``extra``, ...)."""
-    remove_temporaries(out)
+    ``logs`` back to their sizes then. Returns the checkpoint's state (``step``, ``extra``, ...).
+    ``write=False`` (data-parallel ranks other than 0) only loads."""
+    if write:
+        remove_temporaries(out)
     saved = checkpoints(out)
     state = load(run, saved[-1]) if saved else {"step": 0, "logs": {}, "extra": {}}
-    truncate_logs(out, state["logs"], logs)
+    if write:
+        truncate_logs(out, state["logs"], logs)
     return state
 
 

@@ -135,11 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # raised inside peft's wrapping by transformers 5; not actionable for a user
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         if args.command == "train":
+            from hybridft import distributed
             from hybridft.train import train
 
             config = config_from_args(args)
             config.validate()
-            train(config, overwrite=args.overwrite, resume=args.resume is not None)
+            try:
+                train(config, overwrite=args.overwrite, resume=args.resume is not None)
+            finally:
+                distributed.shutdown()
         elif args.command == "replay":
             from hybridft.replay import rebuild
 

@@ -54,6 +54,11 @@ class TrainConfig:
     num_directions: int = _f(1, "ZO directions averaged per step (q)")
     one_sided: bool = _f(False, "one-sided ZO estimate (L(theta+eps z) - L(theta)) / eps")
     distribution: str = _f("gaussian", "distribution of the ZO direction z", choices=("gaussian", "rademacher"))
+    fused: bool = _f(False, "fused estimator: the FO forward+backward is a ZO evaluation (at theta+eps z; at theta with --one-sided), one forward less per step (docs/step_cost.md)")
+    z_cache: bool = _f(False, "generate z once per step and keep it for the step (memory: one copy of the ZO weights)")
+    z_dtype: str = _f("float32", "draw z in float32 (then cast) or in the weights' own dtype", choices=("float32", "param"))
+    embedding_rows: bool = _f(False, "perturb and update only the input-embedding rows of the batch's tokens (untied embeddings; docs/step_cost.md)")
+    zo_threads: int = _f(1, "threads generating z in parallel across parameters (update and z-cache passes; same z)")
     sampler: str = _f("reshuffle", "mini-batch sampling", choices=("reshuffle", "replacement"))
     max_length: int | None = _f(None, "tokens per input, longer inputs are truncated (default: the task's: 64 movie reviews, 128 SST-2/WinoGrande/task files, 256 WSC)")
     train_size: int | None = _f(None, "subsample the training split to this many examples")
@@ -92,6 +97,12 @@ class TrainConfig:
             raise ValueError(f"--lr takes only auto (with --smoothness FILE optional); got lr={self.lr!r}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be 0 or positive, got {self.eval_every}")
+        if self.zo_threads < 1:
+            raise ValueError(f"--zo-threads must be at least 1, got {self.zo_threads}")
+        if self.fused and self.method != "hybrid":
+            raise ValueError(f"--fused needs a method with both a ZO and an FO part (hybrid), not {self.method}")
+        if (self.z_cache or self.embedding_rows) and self.method in ("fo-lora", "fo-full"):
+            raise ValueError(f"--z-cache and --embedding-rows need a method with a ZO part, not {self.method}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
         for name in ("train_size", "dev_size", "test_size", "max_length"):

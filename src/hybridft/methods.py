@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,8 +93,10 @@ def build_optimizer(
     num_directions: int = 1,
     one_sided: bool = False,
     distribution: str = "gaussian",
+    **zo_modes: Any,
 ) -> HybridOptimizer:
-    """The hybrid optimizer for ``groups``: the ZO rule plus SGD (default) or AdamW on the FO group."""
+    """The hybrid optimizer for ``groups``: the ZO rule plus SGD (default) or AdamW on the FO group.
+    ``zo_modes``: HybridOptimizer's step-cost options (fused, z_cache, z_dtype, embedding_rows, threads)."""
     fo: torch.optim.Optimizer | None = None
     if groups.fo:
         params = list(groups.fo.values())
@@ -105,4 +108,4 @@ def build_optimizer(
             raise ValueError(f"unknown FO optimizer {fo_optimizer!r}; choose sgd or adamw")
     return HybridOptimizer(model, groups.zo, fo, lr=zo_lr, eps=eps, weight_decay=zo_weight_decay,
                            num_directions=num_directions, one_sided=one_sided,
-                           distribution=distribution, seed=seed)  # type: ignore[arg-type]
+                           distribution=distribution, seed=seed, **zo_modes)  # type: ignore[arg-type]

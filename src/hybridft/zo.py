@@ -17,7 +17,8 @@ Everything here is a plain function over tensors; no state is kept between calls
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,8 @@ import torch
 
 Distribution = Literal["gaussian", "rademacher"]
 DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
+ZDtype = Literal["float32", "param"]
+Z_DTYPES: tuple[str, ...] = ("float32", "param")
 
 _MASK64 = (1 << 64) - 1
 
@@ -48,24 +51,95 @@ def step_seed(seed: int, step: int, direction: int = 0) -> int:
 
 
 def direction(
-    like: torch.Tensor, *, seed: int, key: int, distribution: Distribution = "gaussian"
+    like: torch.Tensor,
+    *,
+    seed: int,
+    key: int,
+    distribution: Distribution = "gaussian",
+    dtype: ZDtype = "float32",
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The slice of z for one parameter: same shape, dtype and device as ``like``.
 
-    Drawn in fp32 from a fresh generator seeded by ``(seed, key)`` and cast to ``like``'s
-    dtype, so a bf16 copy of a model sees the rounding of the same fp32 direction.
-    Cost: one pass of random-number generation over ``like.numel()`` values.
+    Drawn from a fresh generator seeded by ``(seed, key)``. ``dtype="float32"`` draws in fp32
+    and casts to ``like``'s dtype, so a bf16 copy of a model sees the rounding of the same fp32
+    direction; ``dtype="param"`` draws in ``like``'s dtype directly (cheaper for bf16/fp16
+    weights, a different z). With ``rows`` (a 1-D index tensor), z has support on those rows
+    of ``like`` only and shape ``(len(rows), *like.shape[1:])``: the batch-row estimator of an
+    input embedding. Cost: one pass of random-number generation over the values returned.
     """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown ZO distribution {distribution!r}; choose from {DISTRIBUTIONS}")
+    if dtype not in Z_DTYPES:
+        raise ValueError(f"unknown z dtype {dtype!r}; choose from {Z_DTYPES}")
+    shape = like.shape if rows is None else (len(rows), *like.shape[1:])
     generator = torch.Generator(device=like.device)
     generator.manual_seed(_splitmix64(seed ^ key) & ((1 << 63) - 1))
+    draw_dtype = torch.float32 if dtype == "float32" else like.dtype
     if distribution == "gaussian":
-        z = torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
-    elif distribution == "rademacher":
-        z = torch.empty(like.shape, device=like.device, dtype=torch.float32)
-        z.bernoulli_(0.5, generator=generator).mul_(2.0).sub_(1.0)
+        z = torch.randn(shape, generator=generator, device=like.device, dtype=draw_dtype)
     else:
-        raise ValueError(f"unknown ZO distribution {distribution!r}; choose from {DISTRIBUTIONS}")
+        z = _signs(shape, generator=generator, dtype=draw_dtype, device=like.device)
     return z.to(like.dtype)
+
+
+BLOCK_VALUES = 1 << 20
+
+
+def direction_blocks(
+    like: torch.Tensor, *, seed: int, key: int, distribution: Distribution = "gaussian", dtype: ZDtype = "float32",
+    block_values: int = BLOCK_VALUES,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``direction(like, ...)`` as consecutive blocks of rows ``(first_row, z[first_row:...])``,
+    so a consumer holds about ``block_values`` values of z instead of ``like.numel()``.
+
+    Blocks are used where they reproduce the whole draw bit for bit: a CPU generator's fp32
+    Gaussian stream is the same drawn at once or in consecutive pieces of a multiple of 16
+    values (tested); elsewhere (CUDA, Rademacher, other draw dtypes, small tensors) the one
+    block is the whole z.
+    """
+    row = math.prod(like.shape[1:]) if like.dim() > 1 else 1
+    blockwise = (like.device.type == "cpu" and distribution == "gaussian" and dtype == "float32"
+                 and like.dim() >= 1 and like.numel() > 2 * block_values)
+    if not blockwise:
+        yield 0, direction(like, seed=seed, key=key, distribution=distribution, dtype=dtype)
+        return
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed(_splitmix64(seed ^ key) & ((1 << 63) - 1))
+    rows_per_block = 16 * max(1, block_values // (16 * row))  # a multiple of 16 values per block
+    start, n_rows = 0, like.shape[0]
+    while start < n_rows:
+        stop = min(start + rows_per_block, n_rows)
+        if (n_rows - stop) * row < 16:
+            stop = n_rows  # never leave a last block shorter than 16 values
+        z = torch.randn((stop - start, *like.shape[1:]), generator=generator, dtype=torch.float32)
+        yield start, z.to(like.dtype)
+        start = stop
+
+
+def direction_rows(
+    like: torch.Tensor, rows: torch.Tensor, *, seed: int, key: int, distribution: Distribution = "gaussian",
+    dtype: ZDtype = "float32", block_values: int = BLOCK_VALUES,
+) -> torch.Tensor:
+    """``direction(like, ...)[rows]`` for sorted ``rows``, holding one block of z at a time."""
+    pieces = []
+    for start, block in direction_blocks(like, seed=seed, key=key, distribution=distribution, dtype=dtype,
+                                         block_values=block_values):
+        inside = rows[(rows >= start) & (rows < start + len(block))]
+        pieces.append(block[inside - start])
+    return torch.cat(pieces)
+
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def _signs(shape: torch.Size | tuple[int, ...], *, generator: torch.Generator, dtype: torch.dtype,
+           device: torch.device) -> torch.Tensor:
+    """Rademacher +-1 values, 8 per random byte (one generator draw per byte, not per value)."""
+    n = math.prod(shape)
+    random_bytes = torch.empty((n + 7) // 8, dtype=torch.uint8, device=device).random_(0, 256, generator=generator)
+    bits = (random_bytes.unsqueeze(-1) >> _BIT_SHIFTS.to(device)) & 1
+    return bits.view(-1)[:n].to(dtype).mul_(2).sub_(1).view(shape)
 
 
 @torch.no_grad()
@@ -93,6 +167,9 @@ class ZOUpdate:
     """Everything one ZO step did to the weights: a handful of scalars (the replay log entry).
 
     theta <- theta * (1 - lr * weight_decay) - lr / q * sum_i projected_grads[i] * z(seeds[i])
+
+    ``rows`` lists, for each parameter under the batch-row estimator (an input embedding), its
+    key and the rows its z had support on (the batch's token ids): replay needs them.
     """
 
     step: int
@@ -101,21 +178,51 @@ class ZOUpdate:
     lr: float
     weight_decay: float
     distribution: Distribution = "gaussian"
+    z_dtype: ZDtype = "float32"
+    rows: tuple[tuple[int, tuple[int, ...]], ...] = ()
+
+    def rows_of(self, key: int, device: torch.device) -> torch.Tensor | None:
+        """The rows parameter ``key``'s z is restricted to, or None for a full-support z."""
+        for k, rows in self.rows:
+            if k == key:
+                return torch.tensor(rows, dtype=torch.long, device=device)
+        return None
+
+
+def add_direction_(param: torch.Tensor, z: torch.Tensor, *, alpha: float, rows: torch.Tensor | None = None) -> None:
+    """param += alpha * z, where z covers all of ``param`` or only its ``rows``."""
+    if rows is None:
+        param.add_(z, alpha=alpha)
+    else:
+        param.index_add_(0, rows, z, alpha=alpha)
 
 
 @torch.no_grad()
-def update_(param: torch.Tensor, *, key: int, update: ZOUpdate) -> None:
+def update_(
+    param: torch.Tensor, *, key: int, update: ZOUpdate, z_of: Callable[[int], torch.Tensor] | None = None
+) -> None:
     """Apply one logged ZO update to one parameter, in place.
 
-    Cost: len(update.seeds) passes of direction generation over the parameter; no extra
-    memory beyond one direction at a time.
+    ``z_of(i)`` may hand over the direction of ``update.seeds[i]`` (from a z-cache); by default
+    it is regenerated, a block at a time where that gives the same z (``direction_blocks``).
+    Cost: len(update.seeds) passes of direction generation over the parameter (none with a
+    cache); extra memory: one block of z (one direction's slice where blocks do not apply).
     """
     if update.weight_decay:
         param.mul_(1.0 - update.lr * update.weight_decay)
     q = len(update.seeds)
-    for seed, g in zip(update.seeds, update.projected_grads, strict=True):
-        z = direction(param, seed=seed, key=key, distribution=update.distribution)
-        param.add_(z, alpha=-update.lr * g / q)
+    rows = update.rows_of(key, param.device)
+    for i, (seed, g) in enumerate(zip(update.seeds, update.projected_grads, strict=True)):
+        alpha = -update.lr * g / q
+        if z_of is not None:
+            add_direction_(param, z_of(i), alpha=alpha, rows=rows)
+        elif rows is not None:
+            z = direction(param, seed=seed, key=key, distribution=update.distribution, dtype=update.z_dtype, rows=rows)
+            add_direction_(param, z, alpha=alpha, rows=rows)
+        else:
+            for start, z in direction_blocks(param, seed=seed, key=key, distribution=update.distribution,
+                                             dtype=update.z_dtype):
+                param[start : start + len(z)].add_(z, alpha=alpha)
 
 
 def replay_(named_params: Iterable[tuple[str, torch.Tensor]], updates: Sequence[ZOUpdate]) -> None:

@@ -1,0 +1,36 @@
+"""What each rank of the spawned gloo group in test_distributed.py runs (module level, so that
+torch.multiprocessing can spawn it; imports only torch and hybridft.distributed)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hybridft.distributed import DataParallel, World
+
+
+def identical(parallel: DataParallel, module: nn.Module) -> str:
+    try:
+        parallel.check_identical(module)
+    except RuntimeError as error:
+        return str(error)
+    return "same"
+
+
+def run(rank: int, size: int, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    torch.manual_seed(rank)
+    other = nn.Linear(3, 2)
+    layer.weight.grad = torch.full_like(layer.weight, float(rank + 1))  # rank r's gradient: r + 1
+    parallel = DataParallel(World(rank, size), torch.device("cpu"), [layer.weight])
+    examples = [3, 1][rank]  # unequal slices: the means are weighted 3:1
+    scalars = parallel.reducer(examples)(torch.tensor([10.0 * (rank + 1), float(rank)], dtype=torch.float64))
+    torch.manual_seed(100 + rank)
+    own, gathered = torch.get_rng_state(), parallel.rng_states()["ranks"]
+    torch.save({"rng_ok": [bool(torch.equal(g["cpu"], own)) for g in gathered], "grad": layer.weight.grad, "scalars": scalars, "sent": parallel.sent,
+                "same": identical(parallel, layer), "different": identical(parallel, other)},
+               f"{results}/{rank}.pt")
+    dist.destroy_process_group()
