@@ -24,13 +24,7 @@ from tests.trainer_runs import KillAt, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CI machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny models on one thread
 
 
 def tiny_config(model_dir: Path, **changes) -> TrainConfig:

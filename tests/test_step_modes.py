@@ -18,13 +18,7 @@ from hybridft.perturb import perturb_into_, perturbed
 from hybridft.zo import direction, parameter_key, replay_
 from tests.test_optim import closure_for as optim_closure_for
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny models on one thread
 
 
 MODES = {
