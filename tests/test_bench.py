@@ -1,5 +1,5 @@
 """A smoke-sized bench of the study's grid (tiny model, seconds): cells, learning-rate selection on
-dev, resume without re-running, a refused changed grid, the summary and the plots."""
+dev, resume without re-running, a refused changed grid, an extended one, the summary and the plots."""
 
 from __future__ import annotations
 
@@ -64,13 +64,29 @@ def test_rerun_resumes_without_rerunning_finished_cells(finished, bench_file):
     assert {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")} == stamps
 
 
-def test_changed_grid_in_the_same_directory_is_refused(finished, bench_file, tmp_path, capsys):
-    spec = yaml.safe_load(bench_file.read_text())
-    spec["seeds"] = [0, 1, 2]
+@pytest.mark.parametrize("change, field", [({"seeds": [1, 0]}, "seeds"), ({"train": {"steps": 3}}, "train"),
+                                           ({"lr_grid": {}}, "lr_grid")])
+def test_changed_grid_in_the_same_directory_is_refused(finished, bench_file, tmp_path, capsys, change, field):
+    spec = yaml.safe_load(bench_file.read_text()) | change
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(spec))
     assert main(["bench", "--config", str(changed), "--no-progress"]) == 2
-    assert "different seeds" in capsys.readouterr().err
+    assert f"different {field}" in capsys.readouterr().err
+
+
+def test_extended_grid_runs_only_the_new_cells(finished, bench_file, tmp_path):
+    root = shutil.copytree(finished[1], tmp_path / "copy")
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")}
+    spec = yaml.safe_load(bench_file.read_text()) | {"output_dir": str(root)}
+    spec["seeds"] = [*spec["seeds"], 7]
+    extended = tmp_path / "extended.yaml"
+    extended.write_text(yaml.safe_dump(spec))
+    bench = load_bench(extended)
+    run_bench(bench, progress=False)
+    after = {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")}
+    assert {p: after[p] for p in stamps} == stamps  # finished cells untouched
+    assert len(after) == len(stamps) + len(bench.models) * len(bench.tasks) * len(bench.methods)
+    assert all("seed7" in str(p) for p in set(after) - set(stamps))
 
 
 def test_plot_command_redraws_bench_and_run(finished, capsys):

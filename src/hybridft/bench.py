@@ -210,17 +210,29 @@ def _train_here(config: TrainConfig, log: Any, resume: bool) -> bool:
 
 
 def check_same_bench(bench: BenchConfig, root: Path) -> None:
-    """A bench directory holds one grid: resuming it with a different config is refused."""
+    """A bench directory holds one grid. It may be extended (more models, tasks, methods, learning
+    rates, or seeds after the same selection seed): every finished cell keeps its settings, so it
+    stays valid. Any other change is refused. The directory's ``bench.json`` records the grid."""
     saved_path = root / "bench.json"
-    current = dataclasses.asdict(bench) | {"output_dir": None}
+    current = json.loads(json.dumps(dataclasses.asdict(bench) | {"output_dir": None}))
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        differing = [k for k in current if json.dumps(current[k]) != json.dumps(saved.get(k))]
+        differing = [k for k in current if not _extends(k, saved.get(k), current[k])]
         if differing:
-            raise ValueError(f"{root} holds a bench with a different {differing[0]}; use another --output-dir")
-    else:
-        root.mkdir(parents=True, exist_ok=True)
-        saved_path.write_text(json.dumps(current, indent=2))
+            raise ValueError(f"{root} holds a bench with a different {differing[0]} (a grid may only gain models, "
+                             "tasks, methods, learning rates or later seeds); use another --output-dir")
+    root.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(current, indent=2))
+
+
+def _extends(key: str, old: Any, new: Any) -> bool:
+    """Whether ``new`` is ``old`` or an extension of it that leaves every old cell as it was."""
+    if key in ("models", "tasks", "methods", "seeds"):
+        return set(old) <= set(new) and (key != "seeds" or old[0] == new[0])  # seeds[0] chooses the learning rates
+    if key == "lr_grid":
+        return all(m in new and set(grid) == set(new[m]) and all(set(v) <= set(new[m][k]) for k, v in grid.items())
+                   for m, grid in old.items())
+    return old == new
 
 
 def run_bench(bench: BenchConfig, *, progress: bool = True) -> Path:

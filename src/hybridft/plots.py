@@ -80,7 +80,7 @@ def plot_group(title: str, runs: dict[str, list[Path]], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for i, (method, dirs) in enumerate(runs.items()):
         c = _mean_curves(dirs)
-        style = {"color": f"C{i}", "label": f"{method} ({len(dirs)} seeds)"}
+        style = {"color": f"C{i}", "label": f"{method} ({len(dirs)} seed{'s' if len(dirs) > 1 else ''})"}
         axes[0, 0].plot(c["eval_step"], c["accuracy"], marker=".", **style)
         axes[0, 1].plot(c["eval_seconds"], c["accuracy"], marker=".", **style)
         axes[1, 0].plot(c["step"], c["loss"], **style)
