@@ -53,6 +53,10 @@ def test_summary_and_plots_are_written(finished):
     assert rows["fo-lora"]["zo_parameters"] == 0 < rows["hybrid"]["zo_parameters"]
     assert rows["fo-lora"]["steps_ratio"] in (None, 1.0)
     assert "| hybrid |" in (root / "results.md").read_text()
+    hybrid = next(r for r in json.loads((root / "results.json").read_text()) if r["method"] == "hybrid")
+    assert [p["zo_lr"] for p in hybrid["grid"]] == [1e-3, 1e-2] and all(p["dev_accuracy"] is not None for p in hybrid["grid"])
+    grid_line = next(line for line in (root / "results.md").read_text().splitlines() if "| hybrid |" in line and "zo-lr 0.01: " in line)
+    assert grid_line.count("**") == 2 and f"**zo-lr {hybrid['learning_rates']['zo_lr']:g}: " in grid_line
     assert (root / "plots" / "accuracy.png").stat().st_size > 0
     assert len(list((root / "plots").glob("*rotten_tomatoes.png"))) == 1
 
@@ -147,7 +151,7 @@ def test_steps_to_target_and_smoothing():
 def test_the_study_configs_are_valid_grids(name):
     from pathlib import Path
 
-    from hybridft.bench import count
-
     bench = load_bench(Path(__file__).parent.parent / "benchmarks" / name)
-    assert count(bench) == len(bench.tasks) * 5 * (2 + 2) and set(bench.methods) == {"hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora"}
+    assert set(bench.methods) == {"hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora"} and len(bench.seeds) >= 3
+    assert {"sst2", "wsc", "winogrande"} <= set(bench.tasks)
+    assert all(len(lr_points(bench, m)) >= 2 for m in bench.methods)  # a grid per method, chosen on dev

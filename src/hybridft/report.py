@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from hybridft.bench import BenchConfig, Cell, best_point, cell_result, slug
+from hybridft.bench import BenchConfig, Cell, best_point, cell_result, lr_points, slug
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -53,8 +53,18 @@ def summarize(bench: BenchConfig, root: Path) -> list[dict[str, Any]]:
     for model in bench.models:
         for task in bench.tasks:
             runs = {m: group_runs(bench, root, model, task, m) for m in bench.methods}
-            rows += summarize_group(bench, root, model, task, {m: r for m, r in runs.items() if r})
+            group = summarize_group(bench, root, model, task, {m: r for m, r in runs.items() if r})
+            rows += [row | {"grid": grid(bench, root, model, task, row["method"])} for row in group]
     return rows
+
+
+def grid(bench: BenchConfig, root: Path, model: str, task: str, method: str) -> list[dict[str, Any]]:
+    """Every learning-rate point of the method with its final dev accuracy at the selection seed."""
+    points = []
+    for lrs in lr_points(bench, method):
+        result = cell_result(bench, Cell(model, task, method, bench.seeds[0], lrs), root)
+        points.append({**dict(lrs), "dev_accuracy": result and result["dev_accuracy_after"]})
+    return points
 
 
 def summarize_group(bench: BenchConfig, root: Path, model: str, task: str, runs: dict[str, list[Path]]) -> list[dict[str, Any]]:
@@ -104,7 +114,24 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} | {r['split']} | {r['seeds']} "
             f"| {number(r['steps_to_target'], '.0f')} | {number(r['steps_ratio'], '.2f')} | {r['reached_target']} "
             f"| {r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} | {r['zo_parameters']:,} | {r['fo_parameters']:,} |")
+    lines += ["", "Learning-rate grids: final dev accuracy of each point at the selection seed (chosen point in bold).", "",
+              "| model | task | method | points |", "|---|---|---|---|"]
+    for r in rows:
+        if r.get("grid"):
+            lines.append(f"| {slug(r['model'])} | {r['task']} | {r['method']} | {grid_text(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def grid_text(row: dict[str, Any]) -> str:
+    """``zo-lr 1e-06: 0.81, **zo-lr 1e-05: 0.83**``: each point of ``row``'s grid and its dev accuracy."""
+    cells = []
+    for point in row["grid"]:
+        lrs = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in point.items() if k != "dev_accuracy")
+        accuracy = "–" if point["dev_accuracy"] is None else f"{point['dev_accuracy']:.4f}"
+        chosen = all(row["learning_rates"].get(k) == v for k, v in point.items() if k != "dev_accuracy")
+        text = f"{lrs or 'defaults'}: {accuracy}"
+        cells.append(f"**{text}**" if chosen else text)
+    return ", ".join(cells)
 
 
 def write_report(bench: BenchConfig, root: Path, *, plots: bool = True) -> list[dict[str, Any]]:
