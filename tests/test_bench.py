@@ -144,6 +144,7 @@ def test_unknown_bench_fields_are_one_line_errors(tmp_path, capsys):
 def test_steps_to_target_and_smoothing():
     points = [(0, 0.0, 0.5), (10, 1.0, 0.7), (20, 2.0, 0.8)]
     assert steps_to(points, 0.7) == 10 and steps_to(points, 0.81) is None
+    assert steps_to(points, 0.7, start=0.6) == 10 and steps_to(points, 0.7, start=0.7) is None  # nothing to reach
     assert smooth([1.0, 3.0, 5.0], 2).tolist() == [1.0, 2.0, 4.0]
 
 

@@ -74,13 +74,17 @@ def _mean_curves(dirs: list[Path]) -> dict[str, np.ndarray]:
     }
 
 
+LINESTYLES = ("-", "--", "-.", ":")
+
+
 def plot_group(title: str, runs: dict[str, list[Path]], path: Path) -> None:
     """Dev accuracy and training loss of every method, against steps and against seconds."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for i, (method, dirs) in enumerate(runs.items()):
         c = _mean_curves(dirs)
-        style = {"color": f"C{i}", "label": f"{method} ({len(dirs)} seed{'s' if len(dirs) > 1 else ''})"}
+        style = {"color": f"C{i}", "label": f"{method} ({len(dirs)} seed{'s' if len(dirs) > 1 else ''})",
+                 "linestyle": LINESTYLES[i % len(LINESTYLES)]}  # a dashed curve on an equal solid one shows both
         axes[0, 0].plot(c["eval_step"], c["accuracy"], marker=".", **style)
         axes[0, 1].plot(c["eval_seconds"], c["accuracy"], marker=".", **style)
         axes[1, 0].plot(c["step"], c["loss"], **style)

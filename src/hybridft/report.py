@@ -30,8 +30,19 @@ def curve(run_dir: Path) -> list[tuple[int, float, float]]:
     return points
 
 
-def steps_to(points: list[tuple[int, float, float]], target: float) -> int | None:
+def steps_to(points: list[tuple[int, float, float]], target: float | None, start: float | None = None) -> int | None:
+    """The first evaluated step whose accuracy reaches ``target``; None if none does, or if the
+    target is not above ``start`` (then there was nothing to reach: the reference learned nothing)."""
+    if target is None or (start is not None and target <= start):
+        return None
     return next((step for step, _, accuracy in points if accuracy >= target), None)
+
+
+def mean_curve(dirs: list[Path]) -> list[tuple[int, float, float]]:
+    """(step, seconds, dev accuracy) averaged over the seeds' runs, at the evaluations they share."""
+    curves = [curve(d) for d in dirs]
+    return [(points[0][0], statistics.fmean(p[1] for p in points), statistics.fmean(p[2] for p in points))
+            for points in zip(*curves)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -68,21 +79,23 @@ def grid(bench: BenchConfig, root: Path, model: str, task: str, method: str) -> 
 
 
 def summarize_group(bench: BenchConfig, root: Path, model: str, task: str, runs: dict[str, list[Path]]) -> list[dict[str, Any]]:
+    if not runs:
+        return []
     evals = {m: [json.loads((d / "eval.json").read_text()) for d in dirs] for m, dirs in runs.items()}
     split = "test" if all(e.get("test_accuracy_after") is not None for es in evals.values() for e in es) else "dev"
     target = statistics.fmean(e["dev_accuracy_after"] for e in evals["fo-lora"]) if "fo-lora" in evals else None
+    start = statistics.fmean(e["dev_accuracy_before"] for es in evals.values() for e in es)
     rows = []
     for method, dirs in runs.items():
         resolved = json.loads((dirs[0] / "config.json").read_text())
-        reached = [steps_to(curve(d), target) for d in dirs] if target is not None else []
-        hits = [s for s in reached if s is not None]
+        hits = [s for s in (steps_to(curve(d), target, start) for d in dirs) if s is not None]
         accuracy, accuracy_std = mean_std([e[f"{split}_accuracy_after"] for e in evals[method]])
         rows.append({
             "model": model, "task": task, "method": method, "seeds": len(dirs), "split": split,
             "learning_rates": {k: resolved[k] for k in ("zo_lr", "fo_lr")},
             "accuracy": accuracy, "accuracy_std": accuracy_std,
             "dev_accuracy": statistics.fmean(e["dev_accuracy_after"] for e in evals[method]),
-            "target": target, "steps_to_target": statistics.fmean(hits) if hits else None,
+            "target": target, "start": start, "steps_to_target": steps_to(mean_curve(dirs), target, start),
             "reached_target": f"{len(hits)}/{len(dirs)}",
             "train_seconds": statistics.fmean(e["train_seconds"] for e in evals[method]),
             "peak_memory_mib": statistics.fmean(e["peak_memory_mib"] for e in evals[method]),
@@ -102,8 +115,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
     lines = ["# Bench results", "",
              "Accuracy: mean ± std over seeds at the learning rates chosen on dev (split named per row). "
-             "Steps to target: first evaluated step reaching fo-lora's mean final dev accuracy (seeds that reached it); "
-             "ratio: against fo-lora's. Seconds: training only. Memory: peak (CPU RSS or CUDA allocated).", "",
+             "Steps to target: first evaluated step at which the seed-mean dev accuracy reaches fo-lora's mean final "
+             "dev accuracy (– if it never does, or if that target is not above the mean starting dev accuracy: then "
+             "fo-lora learned nothing to reach); ratio: against fo-lora's; reached: seeds whose own curve reaches it. "
+             "Seconds: training only. Memory: peak (CPU RSS or CUDA allocated).", "",
              "| model | task | method | lrs (zo / fo) | accuracy | split | seeds | steps to target | ratio | reached | seconds | peak MiB | ZO params | FO params |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
