@@ -38,6 +38,7 @@ ROWS = {
     "hybrid embedding-rows": ("hybrid", {"embedding_rows": True}, 1, 2),
     "hybrid rademacher": ("hybrid", {"distribution": "rademacher"}, 1, 2),
     "hybrid zo-threads 2": ("hybrid", {"threads": 2}, 1, 2),
+    "hybrid fused+cache": ("hybrid", {"fused": True, "z_cache": True, "threads": 2}, 1, 1),
     "hybrid fused+rows+cache": ("hybrid", {"fused": True, "embedding_rows": True, "z_cache": True, "threads": 2}, 1, 1),
     "hybrid fused+rows+rademacher": ("hybrid", {"fused": True, "embedding_rows": True, "distribution": "rademacher"}, 1, 1),
     "zo-full": ("zo-full", {}, 0, 2),
@@ -205,7 +206,8 @@ def main() -> None:
         _, _, n_fwdbwd, n_fwd = ROWS[row]
         passes = n_fwdbwd * r.get("fwdbwd", 0.0) + n_fwd * r["fwd"]
         needed = " + ".join(p for p in (f"{n_fwdbwd} fwd+bwd" if n_fwdbwd else "", f"{n_fwd} fwd" if n_fwd else "") if p)
-        print(f"| {row} | {r['zo_params']:,} | {r['fo_params']:,} | {r['fwd']:.3f} | {r.get('fwdbwd', float('nan')):.3f} "
+        fwdbwd = f"{r['fwdbwd']:.3f}" if "fwdbwd" in r else "–"  # ZO-only rows need no backward
+        print(f"| {row} | {r['zo_params']:,} | {r['fo_params']:,} | {r['fwd']:.3f} | {fwdbwd} "
               f"| {r['step']:.3f} | {needed} | {r['step'] / passes:.2f} | {r['peak_mib']:.0f} | {r['cache_mib']:.0f} |",
               flush=True)
 
