@@ -13,30 +13,20 @@ from transformers import DataCollatorWithPadding, TrainerCallback
 
 from hybridft.config import TrainConfig
 from hybridft.hf_trainer import HybridTrainer, HybridTrainingArguments
-from hybridft.methods import USES_ADAPTER, lora_config, wrap
-from hybridft.models import load_classifier
 from hybridft.tasks import load_task, subsample
-from hybridft.train import names
+from hybridft.train import build_model
 
 OPTIM = {"adamw": "adamw_torch", "sgd": "sgd"}  # the CLI's torch.optim classes (not the fused AdamW default)
 
 
 def model_and_data(config: TrainConfig) -> tuple[torch.nn.Module, Any, list[dict[str, Any]]]:
     """The model, tokenizer and tokenized training set of ``hybridft.train.train(config)``, built
-    in the same order from the same seed (so the new head and LoRA start from the same values)."""
+    by the same code from the same seed (so the new head and LoRA start from the same values)."""
     torch.manual_seed(config.seed)
-    task = load_task(config.task, seed=config.seed)
-    loaded = load_classifier(config.model, task.num_labels)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if USES_ADAPTER[config.method]:
-        targets = config.target_modules
-        if targets and targets != "all-linear":
-            targets = names(targets)  # type: ignore[assignment]
-        model = wrap(model, lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                        target_modules=targets,
-                                        head_modules=loaded.head_modules + names(config.modules_to_save)))
+    task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
+    model, tokenizer, posed = build_model(config, task)
     examples = subsample(task.train, config.train_size, config.seed)
-    data = [{**tokenizer(e.text, truncation=True, max_length=config.max_length), "labels": e.label} for e in examples]
+    data = [{**tokenizer(e.text, truncation=True, max_length=posed.max_length), "labels": e.label} for e in examples]
     return model, tokenizer, data
 
 
