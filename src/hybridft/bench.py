@@ -139,15 +139,23 @@ def cell_result(bench: BenchConfig, cell: Cell, root: Path) -> dict[str, Any] | 
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def best_point(bench: BenchConfig, root: Path, model: str, task: str, method: str) -> tuple[tuple[str, float], ...] | None:
-    """The grid point with the best final dev accuracy at the selection seed (None until all ran)."""
+def grid_scores(bench: BenchConfig, root: Path, model: str, task: str,
+                method: str) -> list[tuple[tuple[tuple[str, float], ...], float | None]]:
+    """Every point of the method's learning-rate grid with its final dev accuracy at the selection
+    seed (None where that cell has not finished)."""
     scores = []
     for lrs in lr_points(bench, method):
         result = cell_result(bench, Cell(model, task, method, bench.seeds[0], lrs), root)
-        if result is None:
-            return None
-        scores.append((result["dev_accuracy_after"], lrs))
-    return max(scores, key=lambda s: s[0])[1]  # max keeps the first of equal scores
+        scores.append((lrs, result and result["dev_accuracy_after"]))
+    return scores
+
+
+def best_point(bench: BenchConfig, root: Path, model: str, task: str, method: str) -> tuple[tuple[str, float], ...] | None:
+    """The grid point with the best final dev accuracy at the selection seed (None until all ran)."""
+    scores = grid_scores(bench, root, model, task, method)
+    if any(accuracy is None for _, accuracy in scores):
+        return None
+    return max(scores, key=lambda s: s[1])[0]  # max keeps the first of equal scores
 
 
 def cells(bench: BenchConfig, root: Path) -> Iterator[Cell]:

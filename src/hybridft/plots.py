@@ -31,7 +31,7 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 def plot_run(run_dir: str | Path) -> Path:
     """``RUN_DIR/loss.png``: training loss (raw and smoothed) and dev accuracy against steps."""
-    from hybridft.report import curve, read_jsonl
+    from hybridft.report import curve, mean_curve, read_jsonl
 
     run_dir = Path(run_dir)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -58,19 +58,18 @@ def plot_run(run_dir: str | Path) -> Path:
 
 def _mean_curves(dirs: list[Path]) -> dict[str, np.ndarray]:
     """Seed-averaged curves of runs with the same config: loss and dev accuracy vs step and seconds."""
-    from hybridft.report import curve, read_jsonl
+    from hybridft.report import curve, mean_curve, read_jsonl
 
     metrics = [read_jsonl(d / "metrics.jsonl") for d in dirs]
     length = min(len(m) for m in metrics)
     loss = np.mean([[r["loss"] for r in m[:length]] for m in metrics], axis=0)
     seconds = np.mean([[r["seconds"] for r in m[:length]] for m in metrics], axis=0)
-    points = [curve(d) for d in dirs]
-    n = min(len(p) for p in points)
+    points = mean_curve([curve(d) for d in dirs])
     return {
         "step": np.arange(1, length + 1), "seconds": seconds, "loss": smooth(loss, max(1, length // 20)),
-        "eval_step": np.array([p[0] for p in points[0][:n]]),
-        "eval_seconds": np.mean([[p[1] for p in ps[:n]] for ps in points], axis=0),
-        "accuracy": np.mean([[p[2] for p in ps[:n]] for ps in points], axis=0),
+        "eval_step": np.array([p[0] for p in points]),
+        "eval_seconds": np.array([p[1] for p in points]),
+        "accuracy": np.array([p[2] for p in points]),
     }
 
 

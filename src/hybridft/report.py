@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from hybridft.bench import BenchConfig, Cell, best_point, cell_result, lr_points, slug
+from hybridft.bench import BenchConfig, Cell, best_point, cell_result, grid_scores, slug
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -38,9 +38,8 @@ def steps_to(points: list[tuple[int, float, float]], target: float | None, start
     return next((step for step, _, accuracy in points if accuracy >= target), None)
 
 
-def mean_curve(dirs: list[Path]) -> list[tuple[int, float, float]]:
-    """(step, seconds, dev accuracy) averaged over the seeds' runs, at the evaluations they share."""
-    curves = [curve(d) for d in dirs]
+def mean_curve(curves: list[list[tuple[int, float, float]]]) -> list[tuple[int, float, float]]:
+    """(step, seconds, dev accuracy) of the seeds' ``curve``s averaged, at the evaluations they share."""
     return [(points[0][0], statistics.fmean(p[1] for p in points), statistics.fmean(p[2] for p in points))
             for points in zip(*curves)]
 
@@ -65,17 +64,10 @@ def summarize(bench: BenchConfig, root: Path) -> list[dict[str, Any]]:
         for task in bench.tasks:
             runs = {m: group_runs(bench, root, model, task, m) for m in bench.methods}
             group = summarize_group(bench, root, model, task, {m: r for m, r in runs.items() if r})
-            rows += [row | {"grid": grid(bench, root, model, task, row["method"])} for row in group]
+            rows += [row | {"grid": [{**dict(lrs), "dev_accuracy": accuracy}
+                                     for lrs, accuracy in grid_scores(bench, root, model, task, row["method"])]}
+                     for row in group]
     return rows
-
-
-def grid(bench: BenchConfig, root: Path, model: str, task: str, method: str) -> list[dict[str, Any]]:
-    """Every learning-rate point of the method with its final dev accuracy at the selection seed."""
-    points = []
-    for lrs in lr_points(bench, method):
-        result = cell_result(bench, Cell(model, task, method, bench.seeds[0], lrs), root)
-        points.append({**dict(lrs), "dev_accuracy": result and result["dev_accuracy_after"]})
-    return points
 
 
 def summarize_group(bench: BenchConfig, root: Path, model: str, task: str, runs: dict[str, list[Path]]) -> list[dict[str, Any]]:
@@ -88,14 +80,15 @@ def summarize_group(bench: BenchConfig, root: Path, model: str, task: str, runs:
     rows = []
     for method, dirs in runs.items():
         resolved = json.loads((dirs[0] / "config.json").read_text())
-        hits = [s for s in (steps_to(curve(d), target, start) for d in dirs) if s is not None]
+        curves = [curve(d) for d in dirs]
+        hits = [s for s in (steps_to(c, target, start) for c in curves) if s is not None]
         accuracy, accuracy_std = mean_std([e[f"{split}_accuracy_after"] for e in evals[method]])
         rows.append({
             "model": model, "task": task, "method": method, "seeds": len(dirs), "split": split,
             "learning_rates": {k: resolved[k] for k in ("zo_lr", "fo_lr")},
             "accuracy": accuracy, "accuracy_std": accuracy_std,
             "dev_accuracy": statistics.fmean(e["dev_accuracy_after"] for e in evals[method]),
-            "target": target, "start": start, "steps_to_target": steps_to(mean_curve(dirs), target, start),
+            "target": target, "start": start, "steps_to_target": steps_to(mean_curve(curves), target, start),
             "reached_target": f"{len(hits)}/{len(dirs)}",
             "train_seconds": statistics.fmean(e["train_seconds"] for e in evals[method]),
             "peak_memory_mib": statistics.fmean(e["peak_memory_mib"] for e in evals[method]),
