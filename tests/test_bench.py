@@ -9,7 +9,7 @@ import shutil
 import pytest
 import yaml
 
-from hybridft.bench import Cell, cells, load_bench, lr_points, run_bench
+from hybridft.bench import Cell, cell_config, cells, load_bench, lr_points, run_bench
 from hybridft.cli import main
 from hybridft.plots import smooth
 from hybridft.report import steps_to
@@ -91,6 +91,28 @@ def test_extended_grid_runs_only_the_new_cells(finished, bench_file, tmp_path):
     assert {p: after[p] for p in stamps} == stamps  # finished cells untouched
     assert len(after) == len(stamps) + len(bench.models) * len(bench.tasks) * len(bench.methods)
     assert all("seed7" in str(p) for p in set(after) - set(stamps))
+
+
+def test_per_method_fields_reach_only_that_methods_cells_and_an_older_directory_stays_valid(finished, bench_file, tmp_path):
+    root = shutil.copytree(finished[1], tmp_path / "copy")
+    saved = json.loads((root / "bench.json").read_text())
+    (root / "bench.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "per_method"}))  # before the field
+    spec = yaml.safe_load(bench_file.read_text()) | {"output_dir": str(root)}
+    run_bench(load_bench_spec(spec, tmp_path), progress=False)  # the same grid: accepted, nothing to run
+    spec["per_method"] = {"zo-full": {"z-cache": True}}
+    bench = load_bench_spec(spec, tmp_path)
+    configs = {m: cell_config(bench, Cell(bench.models[0], "rotten_tomatoes", m, 0, ()), root) for m in bench.methods}
+    assert configs["zo-full"].z_cache and not configs["hybrid"].z_cache
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml"), "--no-progress"]) == 2  # finished cells differ
+    spec["per_method"] = {"zo-ful": {"z-cache": True}}
+    with pytest.raises(ValueError, match="per_method: unknown method"):
+        load_bench_spec(spec, tmp_path)
+
+
+def load_bench_spec(spec, where):
+    path = where / "bench.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_bench(path)
 
 
 def test_plot_command_redraws_bench_and_run(finished, capsys):

@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hybridft.evaluate import accuracy
 from hybridft.formulations import MultipleChoice, SequenceClassification
 from hybridft.scoring import CandidateScoring, row, special_prefix
 from hybridft.tasks import Example, load_task, winogrande
-from hybridft.tasks.template import SENTIMENT
+from hybridft.tasks.template import SENTIMENT, Template
 from test_tasks import HUB_WINOGRANDE
 
 CPU = torch.device("cpu")
@@ -51,6 +52,42 @@ def test_causal_loss_is_cross_entropy_of_the_correct_candidate_tokens_only(causa
     loss = scoring.loss(model, scoring.encode(tokenizer, examples, device=CPU))
     totals = [unbatched(model, tokenizer, *winogrande.TEMPLATE.candidates(e)[e.label]) for e in examples]
     assert float(loss) == pytest.approx(-sum(t for t, _ in totals) / sum(n for _, n in totals), rel=1e-4)
+
+
+SINGLE_TOKEN_WORDS = Template(prompt="Review: {text}\nSentiment:", label_words=(" terrible", " great"))
+
+
+@torch.no_grad()
+def test_single_token_label_words_use_one_row_per_example_with_the_same_scores_and_loss(causal):
+    model, tokenizer = causal
+    assert all(len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1 for w in SINGLE_TOKEN_WORDS.label_words)
+    scoring = CandidateScoring(SINGLE_TOKEN_WORDS, 128)
+    batch = scoring.encode(tokenizer, EXAMPLES, device=CPU)
+    assert batch["input_ids"].shape[0] == len(EXAMPLES) and batch["candidate_ids"].shape == (len(EXAMPLES), 2)
+    expected = [[unbatched(model, tokenizer, *pair)[0] for pair in SINGLE_TOKEN_WORDS.candidates(e)] for e in EXAMPLES]
+    assert torch.allclose(scoring.scores(model, batch), torch.tensor(expected), atol=1e-4)
+    correct = [expected[i][e.label] for i, e in enumerate(EXAMPLES)]
+    assert float(scoring.loss(model, batch)) == pytest.approx(-sum(correct) / len(correct), rel=1e-4)
+
+
+def test_candidates_with_different_contexts_or_several_tokens_keep_one_row_each(causal):
+    _, tokenizer = causal
+    several = CandidateScoring(Template(prompt="{text}", label_words=(" terrible", " gorgeous and witty")), 128)
+    assert several.encode(tokenizer, EXAMPLES, device=CPU)["input_ids"].shape[0] == 2 * len(EXAMPLES)
+    examples = [winogrande.example(HUB_WINOGRANDE, "r")]
+    options = CandidateScoring(winogrande.TEMPLATE, 128).encode(tokenizer, examples, device=CPU)
+    assert options["input_ids"].shape[0] == 2 and "candidate_ids" not in options
+
+
+@torch.no_grad()
+def test_accuracy_over_length_sorted_batches_is_the_per_example_accuracy(causal):
+    model, tokenizer = causal
+    examples = EXAMPLES + [Example(e.text, 1 - e.label) for e in EXAMPLES] + [Example("witty", 1)]
+    for scoring in (CandidateScoring(SINGLE_TOKEN_WORDS, 128), CandidateScoring(SENTIMENT, 128)):
+        hits = [int(scoring.predict(model, scoring.encode(tokenizer, [e], device=CPU))) == e.label for e in examples]
+        for batch_size in (1, 2, 64):
+            assert accuracy(model, scoring, tokenizer, examples, batch_size=batch_size, device=CPU) == pytest.approx(
+                sum(hits) / len(hits))
 
 
 def test_long_inputs_lose_the_start_of_the_context_not_the_continuation():

@@ -33,8 +33,9 @@ PLOT_EVERY_SECONDS = 120  # results are rewritten after every cell, plots at mos
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """A benchmark grid. ``train`` holds TrainConfig fields shared by every cell; ``per_model``
-    and ``per_task`` override them; ``lr_grid[method]`` maps zo_lr/fo_lr to the values tried."""
+    """A benchmark grid. ``train`` holds TrainConfig fields shared by every cell; ``per_model``,
+    ``per_task`` and ``per_method`` override them (a ZO method's --z-cache, say); ``lr_grid[method]``
+    maps zo_lr/fo_lr to the values tried."""
 
     output_dir: str
     models: tuple[str, ...]
@@ -44,6 +45,7 @@ class BenchConfig:
     train: dict[str, Any] = field(default_factory=dict)
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     lr_grid: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     isolate: bool = True  # each cell in a fresh process (peak memory per cell); False: in this process
     keep_models: bool = False  # keep each cell's saved model and checkpoints (tens of MiB to GiB per cell)
@@ -55,7 +57,11 @@ class BenchConfig:
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         known = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "task", "method", "seed", "output_dir"}
-        for where, values in [("train", self.train), *self.per_model.items(), *self.per_task.items()]:
+        unknown = sorted(set(self.per_method) - set(METHODS))
+        if unknown:
+            raise ValueError(f"per_method: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        overrides = [*self.per_model.items(), *self.per_task.items(), *self.per_method.items()]
+        for where, values in [("train", self.train), *overrides]:
             bad = sorted(set(values) - known)
             if bad:
                 raise ValueError(f"bench config {where}: unknown or per-cell train field(s) {', '.join(bad)}")
@@ -87,7 +93,7 @@ def load_bench(path: str | Path, output_dir: str | None = None) -> BenchConfig:
     for name in ("models", "tasks", "methods", "seeds"):
         if name in data:
             data[name] = tuple(data[name] if isinstance(data[name], list) else [data[name]])
-    for name in ("train", "per_model", "per_task"):
+    for name in ("train", "per_model", "per_task", "per_method"):
         data[name] = _underscored(data.get(name) or {}, nested=name != "train")
     data["lr_grid"] = {m: _underscored(g) for m, g in (data.get("lr_grid") or {}).items()}
     bench = BenchConfig(**data)
@@ -128,7 +134,8 @@ def lr_points(bench: BenchConfig, method: str) -> list[tuple[tuple[str, float], 
 
 
 def cell_config(bench: BenchConfig, cell: Cell, root: Path) -> TrainConfig:
-    values = {**bench.train, **bench.per_model.get(cell.model, {}), **bench.per_task.get(cell.task, {}), **dict(cell.lrs)}
+    values = {**bench.train, **bench.per_model.get(cell.model, {}), **bench.per_task.get(cell.task, {}),
+              **bench.per_method.get(cell.method, {}), **dict(cell.lrs)}
     return TrainConfig(**{**values, "model": cell.model, "task": cell.task, "method": cell.method, "seed": cell.seed,
                           "output_dir": str(root / "cells" / cell.name), "progress": False,
                           "plot": False})  # the bench draws its own figures
@@ -225,7 +232,8 @@ def check_same_bench(bench: BenchConfig, root: Path) -> None:
     current = json.loads(json.dumps(dataclasses.asdict(bench) | {"output_dir": None}))
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        differing = [k for k in current if not _extends(k, saved.get(k), current[k])]
+        defaults = json.loads(json.dumps(dataclasses.asdict(BenchConfig("", (), ()))))  # a field newer than the file
+        differing = [k for k in current if not _extends(k, saved.get(k, defaults[k]), current[k])]
         if differing:
             raise ValueError(f"{root} holds a bench with a different {differing[0]} (a grid may only gain models, "
                              "tasks, methods, learning rates or later seeds); use another --output-dir")

@@ -10,6 +10,13 @@ and the prediction is argmax_c s_c. The training loss is the mean token cross-en
 correct candidate's continuation only (the other candidates are not run): one forward and
 backward over B rows. Prediction runs all B*C rows; its logits hold B*C*L*V floats.
 
+When every candidate of every example shares its example's context and is a single token (label
+words: SST-2's " negative"/" positive", WSC's "No"/"Yes"), a batch holds one row per example
+instead: the context followed by the correct label word. Its last position is the loss's target,
+and the position before it predicts every candidate at once (``candidate_ids``); the label word at
+the end cannot leak into that prediction, which a causal LM computes from the context alone. The
+scores are those of the C-row form; prediction costs a C-th of the rows.
+
 Rows are right-padded, so positions of real tokens start at 0 in every model. An input longer
 than ``max_length`` loses the start of its context, never its continuation.
 """
@@ -74,14 +81,21 @@ class CandidateScoring:
         candidates = [self.template.candidates(e) for e in examples]
         if any(len(c) != len(candidates[0]) or not c for c in candidates):
             raise ValueError("every example needs the same, non-zero number of candidates (label words or options)")
-        rows = []
-        for pairs in candidates:
-            for context, continuation in pairs:
-                context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-                continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        tokenized = [[(tokenizer(context, add_special_tokens=False)["input_ids"],
+                       tokenizer(continuation, add_special_tokens=False)["input_ids"]) for context, continuation in pairs]
+                     for pairs in candidates]
+        for pairs, ids in zip(candidates, tokenized):
+            for (_, continuation), (_, continuation_ids) in zip(pairs, ids):
                 if not continuation_ids:
                     raise ValueError(f"candidate {continuation!r} has no tokens")
-                rows.append(row(prefix, context_ids, continuation_ids, self.max_length, fallback))
+        one_row = all(len({c for c, _ in pairs}) == 1 and all(len(t) == 1 for _, t in ids)
+                      for pairs, ids in zip(candidates, tokenized))
+        if one_row:  # the context and the correct label word; see the module docstring
+            rows = [row(prefix, ids[e.label][0], ids[e.label][1], self.max_length, fallback)
+                    for e, ids in zip(examples, tokenized)]
+        else:
+            rows = [row(prefix, context_ids, continuation_ids, self.max_length, fallback)
+                    for ids in tokenized for context_ids, continuation_ids in ids]
         width = max(len(ids) for ids, _ in rows)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (fallback or 0)  # masked out
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -93,11 +107,15 @@ class CandidateScoring:
             target_mask[i, len(ids) - n_target : len(ids)] = True
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
                  "labels": torch.tensor([e.label for e in examples])}
+        if one_row:
+            batch["candidate_ids"] = torch.tensor([[t[0] for _, t in ids] for ids in tokenized])
         return {k: v.to(device) for k, v in batch.items()}
 
     @staticmethod
     def correct_rows(batch: Batch) -> torch.Tensor:
         labels = batch["labels"]
+        if "candidate_ids" in batch:  # one row per example
+            return torch.arange(labels.shape[0], device=labels.device)
         n_candidates = batch["input_ids"].shape[0] // labels.shape[0]
         return torch.arange(labels.shape[0], device=labels.device) * n_candidates + labels
 
@@ -113,6 +131,8 @@ class CandidateScoring:
         """(B, C) candidate log-likelihoods (summed, or averaged over tokens when length-normalised)."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         target = batch["target_mask"][:, 1:]
+        if "candidate_ids" in batch:  # the position before each row's label word predicts every candidate
+            return torch.log_softmax(logits[target].float(), dim=-1).gather(-1, batch["candidate_ids"])
         picked = torch.log_softmax(logits[target].float(), dim=-1)
         token_logp = picked.gather(-1, batch["input_ids"][:, 1:][target].unsqueeze(-1)).squeeze(-1)
         row_of = torch.arange(target.shape[0], device=target.device).unsqueeze(1).expand_as(target)[target]
