@@ -12,7 +12,8 @@ import yaml
 from hybridft.bench import Cell, cell_config, cells, load_bench, lr_points, run_bench
 from hybridft.cli import main
 from hybridft.plots import smooth
-from hybridft.report import steps_to
+from hybridft.replay import LOG, read, rms_move
+from hybridft.report import group_runs, steps_to
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,18 @@ def test_summary_and_plots_are_written(finished):
     grid_line = next(line for line in (root / "results.md").read_text().splitlines() if "| hybrid |" in line and "zo-lr 0.01: " in line)
     assert grid_line.count("**") == 2 and f"**zo-lr {hybrid['learning_rates']['zo_lr']:g}: " in grid_line
     assert (root / "plots" / "accuracy.png").stat().st_size > 0
+
+
+def test_summary_says_how_far_the_zo_rule_moved_the_weights(finished):
+    bench, root = finished
+    rows = {r["method"]: r for r in json.loads((root / "results.json").read_text())}
+    assert rows["fo-lora"]["zo_rms_move"] is None and rows["fo-full"]["zo_rms_move"] is None
+    for method in ("hybrid", "zo-full", "zo-lora"):
+        runs = group_runs(bench, root, bench.models[0], "rotten_tomatoes", method)
+        moves = [rms_move(read(run / LOG)) for run in runs]
+        assert len(runs) == 2 and rows[method]["zo_rms_move"] == pytest.approx(sum(moves) / 2) and min(moves) > 0
+    line = next(line for line in (root / "results.md").read_text().splitlines() if "| zo-full |" in line)
+    assert line.endswith(f"| {rows['zo-full']['zo_rms_move']:.2e} |")
     assert len(list((root / "plots").glob("*rotten_tomatoes.png"))) == 1
 
 

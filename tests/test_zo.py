@@ -8,6 +8,7 @@ from torch import nn
 
 from hybridft.optim import HybridOptimizer
 from hybridft.perturb import perturbed
+from hybridft.replay import rms_move
 from hybridft.zo import ZOUpdate, direction, parameter_key, replay_, update_
 
 
@@ -151,6 +152,20 @@ def test_replay_rebuilds_zo_trained_weights():
     replay_(rebuilt.items(), log)
     for n, p in model.named_parameters():
         assert torch.equal(rebuilt[n], p), n
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_rms_move_of_a_log_is_the_realised_rms_change_of_the_weights(distribution):
+    weights = {"a.weight": torch.zeros(300, 200), "b.bias": torch.zeros(40_000)}  # d = 100,000
+    log = [ZOUpdate(step=t, seeds=(7 * t, 7 * t + 1), projected_grads=(3.0 - t, 0.5 * t), lr=1e-3 * (1 + t % 3),
+                    weight_decay=0.0, distribution=distribution) for t in range(6)]
+    replay_(weights.items(), log)
+    realised = torch.cat([w.flatten() for w in weights.values()]).pow(2).mean().sqrt().item()
+    assert rms_move(log) == pytest.approx(realised, rel=0.02)  # 1/sqrt(d) scale noise, far below 2%
+    assert rms_move(log[:1]) == pytest.approx(1e-3 / 2 * (3.0**2 + 0.0**2) ** 0.5)
+    assert rms_move([]) == 0.0
+    with_rows = ZOUpdate(step=0, seeds=(1,), projected_grads=(1.0,), lr=1e-3, weight_decay=0.0, rows=((5, (0, 2)),))
+    assert rms_move([with_rows]) is None
 
 
 def test_update_applies_weight_decay_then_direction():

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+import math
+from collections.abc import Sequence
 from typing import Any
 
 from hybridft.zo import ZOUpdate, replay_
@@ -50,6 +52,21 @@ def read(path: Path) -> list[ZOUpdate]:
     if steps != sorted(set(steps)):
         raise ValueError(f"{path}: steps are not strictly increasing (a log of several runs?)")
     return updates
+
+
+def rms_move(updates: Sequence[ZOUpdate]) -> float | None:
+    """How far the logged updates moved a ZO weight, root-mean-square over the group:
+
+        sqrt(sum_t (lr_t / q_t)^2 * sum_i g_ti^2)  ~=  ||theta_T - theta_0|| / sqrt(d)
+
+    since each step adds -lr/q * sum_i g_i z_i with fresh directions of unit variance per
+    coordinate (Gaussian or Rademacher); the two sides agree up to O(1/sqrt(d)) for the d weights
+    of the group. Weight decay's shrink is not included. None for a log of batch-row directions,
+    whose z covers only some rows of the embedding (no single figure per weight). Cost: none.
+    """
+    if any(u.rows for u in updates):
+        return None
+    return math.sqrt(sum((u.lr / len(u.seeds)) ** 2 * sum(g * g for g in u.projected_grads) for u in updates))
 
 
 def rebuild(run_dir: str | Path, output_dir: str | Path | None = None) -> Path:

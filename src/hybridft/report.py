@@ -3,7 +3,8 @@
 Per (model, task, method), over the seeds run at the learning rates chosen on dev: final
 accuracy (test split when the task has one, else dev) mean +- std; steps-to-target (the first
 evaluated step at which dev accuracy reaches fo-lora's mean final dev accuracy) and its ratio
-to fo-lora's; training seconds; peak memory; the parameters each rule trains.
+to fo-lora's; training seconds; peak memory; the parameters each rule trains; how far the ZO
+rule moved its weights (root-mean-square per weight, from the runs' ZO logs).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from hybridft import replay
 from hybridft.bench import BenchConfig, Cell, best_point, cell_result, grid_scores, slug
 
 
@@ -42,6 +44,14 @@ def mean_curve(curves: list[list[tuple[int, float, float]]]) -> list[tuple[int, 
     """(step, seconds, dev accuracy) of the seeds' ``curve``s averaged, at the evaluations they share."""
     return [(points[0][0], statistics.fmean(p[1] for p in points), statistics.fmean(p[2] for p in points))
             for points in zip(*curves)]
+
+
+def zo_move(run_dir: Path) -> float | None:
+    """RMS change of a run's ZO-trained weights (``replay.rms_move`` of its log); None without
+    ZO updates or for batch-row directions."""
+    log = run_dir / replay.LOG
+    updates = replay.read(log) if log.exists() else []
+    return replay.rms_move(updates) if updates else None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -93,6 +103,7 @@ def summarize_group(bench: BenchConfig, root: Path, model: str, task: str, runs:
             "train_seconds": statistics.fmean(e["train_seconds"] for e in evals[method]),
             "peak_memory_mib": statistics.fmean(e["peak_memory_mib"] for e in evals[method]),
             "zo_parameters": resolved["resolved"]["zo_parameters"], "fo_parameters": resolved["resolved"]["fo_parameters"],
+            "zo_rms_move": _mean_or_none([zo_move(d) for d in dirs]),
             "steps": resolved["resolved"]["steps"],
         })
     reference = next((r["steps_to_target"] for r in rows if r["method"] == "fo-lora"), None)
@@ -100,6 +111,10 @@ def summarize_group(bench: BenchConfig, root: Path, model: str, task: str, runs:
         ratio_ok = reference and row["steps_to_target"] is not None
         row["steps_ratio"] = row["steps_to_target"] / reference if ratio_ok else None
     return rows
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)  # type: ignore[arg-type]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -111,9 +126,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "Steps to target: first evaluated step at which the seed-mean dev accuracy reaches fo-lora's mean final "
              "dev accuracy (– if it never does, or if that target is not above the mean starting dev accuracy: then "
              "fo-lora learned nothing to reach); ratio: against fo-lora's; reached: seeds whose own curve reaches it. "
-             "Seconds: training only. Memory: peak (CPU RSS or CUDA allocated).", "",
-             "| model | task | method | lrs (zo / fo) | accuracy | split | seeds | steps to target | ratio | reached | seconds | peak MiB | ZO params | FO params |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Seconds: training only. Memory: peak (CPU RSS or CUDA allocated). ZO move: root-mean-square change of "
+             "a ZO-trained weight over the run, from its ZO log (weight decay not included; – without ZO updates or "
+             "with batch-row directions).", "",
+             "| model | task | method | lrs (zo / fo) | accuracy | split | seeds | steps to target | ratio | reached | seconds | peak MiB | ZO params | FO params | ZO move |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         zo = f"{r['learning_rates']['zo_lr']:g}" if r["zo_parameters"] else "–"
         fo = f"{r['learning_rates']['fo_lr']:g}" if r["fo_parameters"] else "–"
@@ -121,7 +138,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {slug(r['model'])} | {r['task']} | {r['method']} | {zo} / {fo} "
             f"| {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} | {r['split']} | {r['seeds']} "
             f"| {number(r['steps_to_target'], '.0f')} | {number(r['steps_ratio'], '.2f')} | {r['reached_target']} "
-            f"| {r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} | {r['zo_parameters']:,} | {r['fo_parameters']:,} |")
+            f"| {r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} | {r['zo_parameters']:,} | {r['fo_parameters']:,} "
+            f"| {number(r['zo_rms_move'], '.2e')} |")
     lines += ["", "Learning-rate grids: final dev accuracy of each point at the selection seed (chosen point in bold).", "",
               "| model | task | method | points |", "|---|---|---|---|"]
     for r in rows:
