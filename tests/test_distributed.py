@@ -62,8 +62,8 @@ def test_shard_sampler_refuses_batches_some_rank_gets_no_example_of(n, message):
 def test_two_ranks_with_batch_b_end_as_one_process_with_batch_2b(tiny_bert_fp64_dir, tmp_path):
     # 37 examples in global batches of 8: the 5th batch has 5 (3 + 2 per rank), so the
     # example-weighted means are exercised; 6 steps cross into the second epoch.
-    common = dict(model=str(tiny_bert_fp64_dir), train_size=37, dev_size=24, steps=6, zo_lr=1e-3, eval_every=3,
-                  threads=1, progress=False, plot=False)
+    common = dict(model=str(tiny_bert_fp64_dir), dtype="float64", train_size=37, dev_size=24, steps=6, zo_lr=1e-3,
+                  eval_every=3, threads=1, progress=False, plot=False)
     single = train(TrainConfig(**common, batch_size=8, output_dir=str(tmp_path / "one")))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if not isinstance(v, bool)]
     done = torchrun(2, [*flags, "--batch-size=4", f"--output-dir={tmp_path / 'two'}", "--no-progress", "--no-plot"])

@@ -3,12 +3,14 @@ the optimizer, leave every weight bitwise unchanged (MeZO's in-place +eps, -2 ep
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from hybridft.methods import assign, build_optimizer
-from hybridft.zo import parameter_key, perturb_
+from hybridft.zo import ZOUpdate, parameter_key, perturb_, update_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,3 +60,24 @@ def test_in_place_plus_minus_arithmetic_drifts_in_low_precision(dtype):
                     perturb_(p, seed=seed, key=parameter_key(name), scale=scale)
     after = bits(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_zo_updates_round_away_in_low_precision_and_the_optimizer_warns(dtype):
+    model = small_bert(dtype)
+    with pytest.warns(UserWarning, match=f"ZO weights are {str(dtype)[6:]}: .* rounded away"):
+        build_optimizer(model, assign("zo-full", model), zo_lr=1e-6, fo_lr=1.0, eps=1e-3, seed=0)
+    # what the warning is about: a MeZO-sized update (lr 1e-6, |g| 1) leaves most weights as they were
+    weight = model.bert.encoder.layer[0].intermediate.dense.weight.detach()
+    update = ZOUpdate(step=0, seeds=(3,), projected_grads=(1.0,), lr=1e-6, weight_decay=0.0)
+    low, full = weight.clone(), weight.float()
+    update_(low, key=1, update=update)
+    update_(full, key=1, update=update)
+    assert (low == weight).float().mean() > 0.9 and (full != weight.float()).float().mean() > 0.99
+
+
+def test_float32_zo_weights_give_no_precision_warning():
+    model = small_bert(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_optimizer(model, assign("zo-full", model), zo_lr=1e-6, fo_lr=1.0, eps=1e-3, seed=0)

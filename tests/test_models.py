@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import write_tiny_gguf
+from conftest import save_tiny_bert, write_tiny_gguf
 from hybridft.models import dequantized, load, model_kind, resolve
 
 
@@ -56,3 +56,23 @@ def test_a_changed_gguf_file_gets_a_new_cache_entry(gguf_file, tmp_path):
 def test_missing_gguf_file_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="GGUF file not found"):
         dequantized(str(tmp_path / "nope.gguf"), str(tmp_path))
+
+
+def test_a_half_precision_checkpoint_loads_in_float32_unless_another_dtype_is_asked(tmp_path, tokenizer, capsys):
+    """transformers 5 loads a checkpoint in its own dtype by default; hybridft loads float32."""
+    path = save_tiny_bert(tmp_path / "bf16", tokenizer)
+    load(str(path), "AutoModel").model.to(torch.bfloat16).save_pretrained(path)
+    head = "AutoModelForSequenceClassification"
+    dtypes = [{p.dtype for p in load(str(path), head, num_labels=2, **d).model.parameters()}
+              for d in ({}, {"dtype": "auto"}, {"dtype": "bfloat16"}, {"dtype": "float16"})]
+    assert dtypes == [{torch.float32}, {torch.bfloat16}, {torch.bfloat16}, {torch.float16}]
+    from hybridft.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--model", str(path), "--dtype", "bfloat16", "--train-size", "16", "--dev-size", "8",
+            "--batch-size", "8", "--steps", "1", "--no-progress", "--no-plot", "--output-dir", str(out)]
+    with pytest.warns(UserWarning, match="ZO weights are bfloat16"):
+        assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args[:3], "--dtype", "int8", *args[5:], "--overwrite"]) == 2
+    assert "argument --dtype: invalid choice: 'int8'" in capsys.readouterr().err

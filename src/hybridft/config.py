@@ -13,6 +13,7 @@ import yaml
 METHODS = ("hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora")
 MODEL_KINDS = ("auto", "encoder", "causal")
 SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -26,6 +27,7 @@ class TrainConfig:
     model: str = _f("minilm", "HF hub id, local directory, GGUF file (path or owner/repo/file.gguf), or packaged name (minilm, smollm2)")
     model_kind: str = _f("auto", "encoder (classification / multiple-choice head) or causal (candidate scoring); auto: from the model's config", choices=MODEL_KINDS)
     score: str = _f("mean", "how a causal LM ranks candidates: mean (length-normalised) or sum of their token log-likelihoods", choices=("mean", "sum"))
+    dtype: str = _f("float32", "dtype the weights are loaded in: float32 (default), bfloat16 / float16 (half the memory, but a ZO update smaller than half a weight's spacing is rounded away: at MeZO's learning rates most are), float64, or auto (the checkpoint's own, transformers' default)", choices=DTYPES)
     cache_dir: str | None = _f(None, "where dequantized GGUF models are kept (default: $HYBRIDFT_CACHE_DIR or ~/.cache/hybridft)")
     task: str = _f("rotten_tomatoes", "task name (rotten_tomatoes, imdb, sst2, wsc, winogrande, winogrande_xs/s/m/l/xl) or a task file (.yaml)")
     data_dir: str | None = _f(None, "folder with local copies of the benchmark files (sst2/, wsc/, winogrande/; default: $HYBRIDFT_DATA_DIR, else the datasets hub)")

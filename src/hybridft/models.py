@@ -143,9 +143,13 @@ class Loaded:
 
 
 def load(name: str, head: str, *, num_labels: int | None = None, trust_remote_code: bool = False,
-         cache_dir: str | None = None) -> Loaded:
+         cache_dir: str | None = None, dtype: str = "float32") -> Loaded:
     """The model ``name`` loaded with the transformers auto class ``head`` (with a fresh
-    ``num_labels`` head if given), and its tokenizer.
+    ``num_labels`` head if given) in ``dtype``, and its tokenizer.
+
+    ``dtype`` is float32 unless asked otherwise: transformers 5 loads a checkpoint in its own
+    dtype by default (``"auto"``: bf16/fp16 for most hub LLMs), where ZO updates at small
+    learning rates round away (``optim.warn_low_precision``).
 
     The head is found from what the checkpoint did not contain (transformers' loading info),
     so it works for any architecture's head name (``classifier``, ``score``, ...).
@@ -161,7 +165,7 @@ def load(name: str, head: str, *, num_labels: int | None = None, trust_remote_co
     try:
         kwargs = {"num_labels": num_labels} if num_labels else {}
         model, info = getattr(transformers, head).from_pretrained(
-            path, output_loading_info=True, trust_remote_code=trust_remote_code, **kwargs)
+            path, output_loading_info=True, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise load_error(name, path, error) from error
@@ -187,6 +191,7 @@ def context_length(model: nn.Module, tokenizer: object) -> int | None:
     return min(known) if known else None
 
 
-def load_classifier(name: str, num_labels: int, *, trust_remote_code: bool = False) -> Loaded:
+def load_classifier(name: str, num_labels: int, *, trust_remote_code: bool = False, dtype: str = "float32") -> Loaded:
     """A sequence-classification model with a fresh ``num_labels`` head, and its tokenizer."""
-    return load(name, "AutoModelForSequenceClassification", num_labels=num_labels, trust_remote_code=trust_remote_code)
+    return load(name, "AutoModelForSequenceClassification", num_labels=num_labels, trust_remote_code=trust_remote_code,
+                dtype=dtype)

@@ -42,7 +42,8 @@ forwards, phi is untouched), ``last_update`` is None, ``skipped`` is True and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -56,6 +57,26 @@ from hybridft.zo import (DISTRIBUTIONS, Z_DTYPES, Distribution, ZDtype, ZOUpdate
 
 Closure = Callable[[], torch.Tensor]
 RngState = tuple[torch.Tensor, list[torch.Tensor]]
+
+
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def warn_low_precision(zo_params: Iterable[torch.Tensor], lr: float) -> None:
+    """Warn when ZO weights are bf16/fp16. Rounding to nearest drops the update -lr g z_j of a
+    weight w_j wherever it is under half the spacing of w_j's dtype at w_j (about 2^-9 |w_j| in
+    bfloat16, 2^-12 |w_j| in float16): at MeZO's learning rates that is most weights (README,
+    "Low precision", has measured fractions). The perturbation itself stays exact (restore by copy)."""
+    params = list(zo_params)
+    low = [p for p in params if p.dtype in HALF_PRECISION]
+    if not low or lr == 0:
+        return
+    dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in low}))
+    counted = sum(p.numel() for p in low), sum(p.numel() for p in params)
+    warnings.warn(f"{counted[0]:,} of the {counted[1]:,} ZO weights are {dtypes}: an update changes a weight only "
+                  f"where lr*|g*z| exceeds half its spacing (~2^-9 of its size in bfloat16, ~2^-12 in float16), so "
+                  f"at zo-lr {lr:g} most ZO updates may be rounded away; load the model in float32 (--dtype float32)",
+                  stacklevel=3)
 
 
 class HybridOptimizer(torch.optim.Optimizer):
@@ -96,6 +117,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             raise ValueError("the fused estimator needs an FO part (its forward+backward is a ZO evaluation)")
         if any(p.requires_grad for p in zo_params.values()):
             raise ValueError("ZO parameters must have requires_grad=False: they never get a .grad")
+        warn_low_precision(zo_params.values(), lr)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, num_directions=num_directions,
                         one_sided=one_sided, distribution=distribution, fused=fused, z_cache=z_cache,
                         z_dtype=z_dtype, embedding_rows=embedding_rows)

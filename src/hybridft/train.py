@@ -133,7 +133,7 @@ def build_model(config: TrainConfig, task: Task, *, adapter: bool = True) -> tup
         kind = model_kind(resolve(config.model, cache_dir=config.cache_dir), trust_remote_code=config.trust_remote_code)
     posed = formulation(task, kind, max_length=config.max_length, score=config.score)
     loaded = load(config.model, posed.head, num_labels=posed.num_labels, trust_remote_code=config.trust_remote_code,
-                  cache_dir=config.cache_dir)
+                  cache_dir=config.cache_dir, dtype=config.dtype)
     if not (adapter and USES_ADAPTER[config.method]):
         return loaded.model, loaded.tokenizer, posed
     targets: list[str] | str | None = config.target_modules
