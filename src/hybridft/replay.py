@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hybridft.zo import ZOUpdate, replay_
