@@ -1,9 +1,11 @@
-"""How many weights one ZO update leaves unchanged when the weights are bf16/fp16.
+"""What one ZO update does to a real model's weights stored in bf16/fp16, by rounding mode.
 
-A ZO step adds -lr * g * z_j to every weight w_j. Stored in bfloat16 or float16, w_j changes only
-where that exceeds half the dtype's spacing at w_j; the rest of the update is rounded away. This
-applies one such update (Gaussian z, the values of lr * |g| given) to a real model's weights in
-each dtype and prints the fraction of weights left bitwise unchanged (float32 for reference).
+A ZO step adds -lr * g * z_j to every weight w_j. Stored in bfloat16 or float16 and rounded to
+nearest (MeZO's way), w_j changes only where that exceeds half the dtype's spacing at w_j.
+Stochastic rounding (hybridft's default) keeps the update on average. This applies one update
+(Gaussian z, the values of lr * |g| given) with ``hybridft.zo.update_`` to every weight of the
+model in each dtype and prints: the fraction of weights left bitwise unchanged, and the share of
+the exact update kept along it, <stored change, exact change> / |exact change|^2 (1 = all of it).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/low_precision.py --model minilm
 """
@@ -15,20 +17,27 @@ import argparse
 import torch
 
 from hybridft.models import resolve
-from hybridft.zo import direction
+from hybridft.zo import ZOUpdate, parameter_key, update_
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def unchanged_fraction(weights: list[torch.Tensor], step: float, dtype: torch.dtype) -> float:
-    """Fraction of ``weights`` (stored in ``dtype``) that ``w - step * z`` leaves as they were."""
+def one_update(weights: dict[str, torch.Tensor], step: float, dtype: torch.dtype, rounding: str) -> tuple[float, float]:
+    """(fraction unchanged, share kept) of one update of size ``step`` to ``weights`` stored in ``dtype``."""
+    update = ZOUpdate(step=0, seeds=(1234,), projected_grads=(1.0,), lr=step, weight_decay=0.0, rounding=rounding)  # type: ignore[arg-type]
     same = total = 0
-    for key, w in enumerate(weights):
-        stored = w.to(dtype)
-        z = direction(w, seed=0, key=key)
-        same += int((stored.float().sub(z, alpha=step).to(dtype) == stored).sum())
+    along = squared = 0.0
+    for name, w in weights.items():
+        start = w.to(dtype, copy=True)
+        stored, exact = start.clone(), start.double()
+        update_(stored, key=parameter_key(name), update=update)
+        update_(exact, key=parameter_key(name), update=update)  # float64: the update as it should be
+        change = exact - start.double()
+        same += int((stored == start).sum())
         total += w.numel()
-    return same / total
+        along += float(((stored.double() - start.double()) * change).sum())
+        squared += float((change * change).sum())
+    return same / total, along / squared
 
 
 def main() -> None:
@@ -39,12 +48,14 @@ def main() -> None:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(resolve(args.model), dtype="float32")
-    weights = [p.detach() for p in model.parameters()]
-    print(f"{args.model}: {sum(w.numel() for w in weights):,} weights; fraction unchanged by one ZO update")
-    print("| lr * abs(g) | " + " | ".join(str(d).removeprefix("torch.") for d in DTYPES) + " |")
-    print("|---|" + "---|" * len(DTYPES))
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    print(f"{args.model}: {sum(w.numel() for w in weights.values()):,} weights, one ZO update")
+    print("| lr·\\|g\\| | dtype | unchanged, nearest | kept, nearest | unchanged, stochastic | kept, stochastic |")
+    print("|---|---|---|---|---|---|")
     for step in (float(s) for s in args.steps.split(",")):
-        print(f"| {step:g} | " + " | ".join(f"{unchanged_fraction(weights, step, d):.4f}" for d in DTYPES) + " |")
+        for dtype in DTYPES:
+            cells = [f"{v:.4f}" for rounding in ("nearest", "stochastic") for v in one_update(weights, step, dtype, rounding)]
+            print(f"| {step:g} | {str(dtype).removeprefix('torch.')} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ MODEL = resolve(os.environ.get("MODEL", "minilm"))  # a packaged name, a hub id 
 STEPS = int(os.environ.get("STEPS", "100"))
 torch.manual_seed(0)
 tokenizer = AutoTokenizer.from_pretrained(MODEL)
-# float32: transformers 5 keeps a bf16/fp16 checkpoint in its dtype, where most ZO updates round away
+# float32, as hybridft train loads models (transformers 5 would keep a bf16/fp16 checkpoint in its dtype)
 model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=2, dtype=torch.float32),
                        LoraConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier", "pooler"]))
 task = load_task("rotten_tomatoes")

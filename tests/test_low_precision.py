@@ -10,7 +10,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from hybridft.methods import assign, build_optimizer
-from hybridft.zo import ZOUpdate, parameter_key, perturb_, update_
+from hybridft.zo import ZOUpdate, direction, parameter_key, perturb_, replay_, stochastic_round, update_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,22 +62,61 @@ def test_in_place_plus_minus_arithmetic_drifts_in_low_precision(dtype):
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
 
+def kept(before: torch.Tensor, after: torch.Tensor, exact: torch.Tensor) -> float:
+    """The share of the exact update ``exact`` that the stored weights moved along it."""
+    moved = after.float() - before.float()
+    return float((moved * exact).sum() / (exact * exact).sum())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_small_zo_updates_round_away_in_low_precision_and_the_optimizer_warns(dtype):
-    model = small_bert(dtype)
-    with pytest.warns(UserWarning, match=f"ZO weights are {str(dtype)[6:]}: .* rounded away"):
-        build_optimizer(model, assign("zo-full", model), zo_lr=1e-6, fo_lr=1.0, eps=1e-3, seed=0)
-    # what the warning is about: a MeZO-sized update (lr 1e-6, |g| 1) leaves most weights as they were
-    weight = model.bert.encoder.layer[0].intermediate.dense.weight.detach()
-    update = ZOUpdate(step=0, seeds=(3,), projected_grads=(1.0,), lr=1e-6, weight_decay=0.0)
-    low, full = weight.clone(), weight.float()
-    update_(low, key=1, update=update)
-    update_(full, key=1, update=update)
-    assert (low == weight).float().mean() > 0.9 and (full != weight.float()).float().mean() > 0.99
+def test_stochastic_rounding_keeps_small_zo_updates_that_nearest_rounding_loses(dtype):
+    weight = (torch.randn(1000, 1000, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
+    exact = -1e-6 * direction(weight, seed=3, key=1).float()  # a MeZO-sized step: lr 1e-6, g = 1
+    shares = {}
+    for rounding in ("nearest", "stochastic"):
+        stored = weight.clone()
+        update_(stored, key=1, update=ZOUpdate(step=0, seeds=(3,), projected_grads=(1.0,), lr=1e-6, weight_decay=0.0,
+                                              rounding=rounding))
+        shares[rounding] = kept(weight, stored, exact)
+    assert shares["nearest"] < 0.2 and shares["stochastic"] == pytest.approx(1.0, abs=0.1), shares
 
 
-def test_float32_zo_weights_give_no_precision_warning():
-    model = small_bert(torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        build_optimizer(model, assign("zo-full", model), zo_lr=1e-6, fo_lr=1.0, eps=1e-3, seed=0)
+def test_stochastic_round_picks_a_neighbour_with_the_probability_that_makes_it_exact():
+    exact = torch.randn(1000, generator=torch.Generator().manual_seed(1)).repeat(2000)
+    rounded = stochastic_round(exact, torch.bfloat16, torch.Generator().manual_seed(2))
+    nearest = exact.to(torch.bfloat16)
+    other = torch.nextafter(nearest, torch.where(exact > nearest.float(), float("inf"), float("-inf")).to(torch.bfloat16))
+    assert bool(((rounded == nearest) | (rounded == other)).all()) and bool((rounded != nearest).any())
+    gap = (other.float() - nearest.float()).abs().view(2000, 1000)[0]
+    error = rounded.float().view(2000, 1000).mean(0) - exact[:1000]
+    assert bool((error.abs() <= 4 * 0.5 * gap / 2000**0.5).all())  # mean of 2000 draws: 4 standard errors at most
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_half_precision_zo_run_replays_bitwise(rounding):
+    model = small_bert(torch.bfloat16)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = assign("zo-full", model)
+    opt = build_optimizer(model, groups, zo_lr=1e-4, fo_lr=1.0, eps=1e-2, seed=0, rounding=rounding)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 128, (4, 12), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
+    log = []
+    for _ in range(5):
+        opt.step(lambda: model(**batch).loss.detach())
+        log.append(opt.last_update)
+    assert {u.rounding for u in log} == {rounding}
+    rebuilt = {n: initial[n].clone() for n in groups.zo}
+    replay_(rebuilt.items(), log)
+    assert all(torch.equal(rebuilt[n], p) for n, p in groups.zo.items())
+    assert any(not torch.equal(initial[n], p) for n, p in groups.zo.items())
+
+
+def test_the_optimizer_warns_on_nearest_rounding_of_half_precision_zo_weights_only():
+    for dtype, rounding, warns in ((torch.bfloat16, "nearest", True), (torch.float16, "nearest", True),
+                                   (torch.bfloat16, "stochastic", False), (torch.float32, "nearest", False)):
+        model = small_bert(dtype)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_optimizer(model, assign("zo-full", model), zo_lr=1e-6, fo_lr=1.0, eps=1e-3, seed=0, rounding=rounding)
+        messages = [str(w.message) for w in caught]
+        assert any("rounded to nearest" in m for m in messages) == warns, (dtype, rounding, messages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -71,8 +72,9 @@ def test_a_half_precision_checkpoint_loads_in_float32_unless_another_dtype_is_as
     out = tmp_path / "run"
     args = ["train", "--model", str(path), "--dtype", "bfloat16", "--train-size", "16", "--dev-size", "8",
             "--batch-size", "8", "--steps", "1", "--no-progress", "--no-plot", "--output-dir", str(out)]
-    with pytest.warns(UserWarning, match="ZO weights are bfloat16"):
-        assert main(args) == 0
+    with pytest.warns(UserWarning, match="ZO weights are bfloat16, rounded to nearest"):
+        assert main([*args, "--zo-rounding", "nearest"]) == 0
+    assert json.loads((out / "zo_updates.jsonl").read_text().splitlines()[0])["rounding"] == "nearest"
     capsys.readouterr()
     assert main([*args[:3], "--dtype", "int8", *args[5:], "--overwrite"]) == 2
     assert "argument --dtype: invalid choice: 'int8'" in capsys.readouterr().err

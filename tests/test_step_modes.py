@@ -92,9 +92,11 @@ def test_100_steps_at_zo_lr_0_leave_low_precision_weights_bitwise_unchanged(dtyp
     assert all(torch.equal(p, before[n]) for n, p in groups.zo.items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_replay_rebuilds_every_mode_bitwise(mode):
-    model, groups, opt = tiny(model="mlp", **MODES[mode])
+def test_replay_rebuilds_every_mode_bitwise(mode, dtype):
+    """In bf16 too, where the updates are stored by stochastic rounding (its noise is seeded)."""
+    model, groups, opt = tiny(dtype, model="mlp", **MODES[mode])
     initial, log = base_weights(groups), []
     start = {n: t.clone() for n, t in initial.items()}
     for step in range(4):

@@ -72,6 +72,7 @@ class HybridTrainingArguments(TrainingArguments):
     zo_num_directions: int = field(default=1, metadata={"help": "ZO directions averaged per step (q)"})
     zo_one_sided: bool = field(default=False, metadata={"help": "one-sided ZO estimate (L(theta+eps z) - L(theta)) / eps"})
     zo_distribution: str = field(default="gaussian", metadata={"help": "distribution of z: gaussian or rademacher"})
+    zo_rounding: str = field(default="stochastic", metadata={"help": "ZO updates into bf16/fp16 weights: stochastic or nearest rounding"})
     zo_lr_scheduler_type: str = field(default="constant", metadata={"help": "schedule of the ZO learning rate (a lr_scheduler_type)"})
 
     def __post_init__(self) -> None:
@@ -154,7 +155,7 @@ class HybridTrainer(Trainer):
             self.optimizer = HybridOptimizer(
                 self.model, self.groups.zo, fo, lr=a.zo_learning_rate, eps=a.zo_eps, weight_decay=a.zo_weight_decay,
                 num_directions=a.zo_num_directions, one_sided=a.zo_one_sided,
-                distribution=a.zo_distribution, seed=a.seed,  # type: ignore[arg-type]
+                distribution=a.zo_distribution, seed=a.seed, rounding=a.zo_rounding,  # type: ignore[arg-type]
             )
             self.optimizer.register_step_pre_hook(self._hand_closure)
         return self.optimizer

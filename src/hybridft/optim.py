@@ -28,6 +28,9 @@ function with and without grad (same train/eval mode; checked). ``z_cache=True``
 once per step (memory: one copy of the ZO weights); ``embedding_rows=True`` restricts the
 input embedding's z to the batch's rows (``directions.py``); ``z_dtype="param"`` draws z in the
 weights' dtype; ``threads`` generates z for whole-model passes in parallel (same z).
+``rounding`` stores ZO updates into bf16/fp16 weights by stochastic rounding (default: unbiased,
+replayable) or to nearest (MeZO's, which loses updates under half a weight's spacing); float32
+weights take them exactly either way.
 
 ``param_groups[0]`` is the ZO group; the FO optimizer's groups follow, shared by reference,
 so any ``torch.optim.lr_scheduler`` schedules both (``LambdaLR`` with one lambda per group
@@ -52,31 +55,28 @@ from torch import nn
 
 from hybridft.directions import Directions, input_embedding_key, parallel_map
 from hybridft.perturb import perturbed
-from hybridft.zo import (DISTRIBUTIONS, Z_DTYPES, Distribution, ZDtype, ZOUpdate, parameter_key, projected_grad,
-                         step_seed, update_)
+from hybridft.zo import (DISTRIBUTIONS, HALF_PRECISION, ROUNDINGS, Z_DTYPES, Distribution, Rounding, ZDtype, ZOUpdate,
+                         parameter_key, projected_grad, step_seed, update_)
 
 Closure = Callable[[], torch.Tensor]
 RngState = tuple[torch.Tensor, list[torch.Tensor]]
 
 
-HALF_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def warn_low_precision(zo_params: Iterable[torch.Tensor], lr: float) -> None:
-    """Warn when ZO weights are bf16/fp16. Rounding to nearest drops the update -lr g z_j of a
-    weight w_j wherever it is under half the spacing of w_j's dtype at w_j (about 2^-9 |w_j| in
-    bfloat16, 2^-12 |w_j| in float16): at MeZO's learning rates that is most weights (README,
-    "Low precision", has measured fractions). The perturbation itself stays exact (restore by copy)."""
+def warn_low_precision(zo_params: Iterable[torch.Tensor], lr: float, rounding: Rounding) -> None:
+    """Warn when ZO weights are bf16/fp16 and updates round to nearest, which drops the update
+    -lr g z_j of a weight w_j wherever it is under half the spacing of w_j's dtype at w_j (about
+    2^-9 |w_j| in bfloat16, 2^-12 |w_j| in float16): at MeZO's learning rates that is most weights
+    (README, "Low precision", has measured fractions). Stochastic rounding keeps them on average."""
     params = list(zo_params)
     low = [p for p in params if p.dtype in HALF_PRECISION]
-    if not low or lr == 0:
+    if not low or lr == 0 or rounding != "nearest":
         return
     dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in low}))
     counted = sum(p.numel() for p in low), sum(p.numel() for p in params)
-    warnings.warn(f"{counted[0]:,} of the {counted[1]:,} ZO weights are {dtypes}: an update changes a weight only "
-                  f"where lr*|g*z| exceeds half its spacing (~2^-9 of its size in bfloat16, ~2^-12 in float16), so "
-                  f"at zo-lr {lr:g} most ZO updates may be rounded away; load the model in float32 (--dtype float32)",
-                  stacklevel=3)
+    warnings.warn(f"{counted[0]:,} of the {counted[1]:,} ZO weights are {dtypes}, rounded to nearest: an update "
+                  f"changes a weight only where lr*|g*z| exceeds half its spacing (~2^-9 of its size in bfloat16, "
+                  f"~2^-12 in float16), so at zo-lr {lr:g} most ZO updates may be lost; use stochastic rounding "
+                  f"(--zo-rounding stochastic) or float32 weights", stacklevel=3)
 
 
 class HybridOptimizer(torch.optim.Optimizer):
@@ -104,6 +104,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         z_dtype: ZDtype = "float32",
         embedding_rows: bool = False,
         threads: int = 1,
+        rounding: Rounding = "stochastic",
     ) -> None:
         if eps <= 0:
             raise ValueError(f"eps must be positive, got {eps}")
@@ -113,14 +114,16 @@ class HybridOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown ZO distribution {distribution!r}; choose from {DISTRIBUTIONS}")
         if z_dtype not in Z_DTYPES:
             raise ValueError(f"unknown z dtype {z_dtype!r}; choose from {Z_DTYPES}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {rounding!r}; choose from {ROUNDINGS}")
         if fused and fo_optimizer is None:
             raise ValueError("the fused estimator needs an FO part (its forward+backward is a ZO evaluation)")
         if any(p.requires_grad for p in zo_params.values()):
             raise ValueError("ZO parameters must have requires_grad=False: they never get a .grad")
-        warn_low_precision(zo_params.values(), lr)
+        warn_low_precision(zo_params.values(), lr, rounding)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, num_directions=num_directions,
                         one_sided=one_sided, distribution=distribution, fused=fused, z_cache=z_cache,
-                        z_dtype=z_dtype, embedding_rows=embedding_rows)
+                        z_dtype=z_dtype, embedding_rows=embedding_rows, rounding=rounding)
         super().__init__([{"params": list(zo_params.values()), "name": "zo"}], defaults)
         self.module = module
         self.fo_optimizer = fo_optimizer
@@ -203,7 +206,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         group = self.zo_group
         update = ZOUpdate(step=self.num_steps, seeds=tuple(d.seed for d in directions), projected_grads=tuple(grads),
                           lr=group["lr"], weight_decay=group["weight_decay"], distribution=group["distribution"],
-                          z_dtype=group["z_dtype"], rows=directions[0].logged_rows())
+                          z_dtype=group["z_dtype"], rows=directions[0].logged_rows(), rounding=group["rounding"])
 
         def one(item: tuple[nn.Parameter, int]) -> None:
             p, key = item

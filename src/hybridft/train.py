@@ -182,7 +182,7 @@ def build(config: TrainConfig) -> Run:
         zo_weight_decay=config.zo_weight_decay, fo_weight_decay=config.fo_weight_decay,
         num_directions=config.num_directions, one_sided=config.one_sided, distribution=config.distribution,
         fused=config.fused, z_cache=config.z_cache, z_dtype=config.z_dtype, embedding_rows=config.embedding_rows,
-        threads=config.zo_threads,
+        threads=config.zo_threads, rounding=config.zo_rounding,
     )
     schedule_names = [config.zo_schedule] + [config.fo_schedule] * (len(optimizer.param_groups) - 1)
     lr_scheduler = scheduler(optimizer, schedule_names, total_steps=steps, warmup_steps=config.warmup_steps)

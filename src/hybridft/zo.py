@@ -28,6 +28,10 @@ Distribution = Literal["gaussian", "rademacher"]
 DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
 ZDtype = Literal["float32", "param"]
 Z_DTYPES: tuple[str, ...] = ("float32", "param")
+Rounding = Literal["stochastic", "nearest"]
+ROUNDINGS: tuple[str, ...] = ("stochastic", "nearest")
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+_ROUNDING_SALT = 0x5EED_0F_0DD_B175  # separates the rounding noise's stream from z's
 
 _MASK64 = (1 << 64) - 1
 
@@ -170,6 +174,9 @@ class ZOUpdate:
 
     ``rows`` lists, for each parameter under the batch-row estimator (an input embedding), its
     key and the rows its z had support on (the batch's token ids): replay needs them.
+    ``rounding`` says how the result was stored into bf16/fp16 weights (float32 ones take it
+    exactly): ``stochastic`` (unbiased, noise drawn from (seeds[0], key)) or ``nearest``; logs
+    written before the field existed rounded to nearest.
     """
 
     step: int
@@ -180,6 +187,7 @@ class ZOUpdate:
     distribution: Distribution = "gaussian"
     z_dtype: ZDtype = "float32"
     rows: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    rounding: Rounding = "nearest"
 
     def rows_of(self, key: int, device: torch.device) -> torch.Tensor | None:
         """The rows parameter ``key``'s z is restricted to, or None for a full-support z."""
@@ -194,7 +202,7 @@ def add_direction_(param: torch.Tensor, z: torch.Tensor, *, alpha: float, rows: 
     if rows is None:
         param.add_(z, alpha=alpha)
     else:
-        param.index_add_(0, rows, z, alpha=alpha)
+        param.index_add_(0, rows, z.to(param.dtype), alpha=alpha)  # a float32 copy of a bf16/fp16 param: z upcast
 
 
 @torch.no_grad()
@@ -207,22 +215,52 @@ def update_(
     it is regenerated, a block at a time where that gives the same z (``direction_blocks``).
     Cost: len(update.seeds) passes of direction generation over the parameter (none with a
     cache); extra memory: one block of z (one direction's slice where blocks do not apply).
+    A bf16/fp16 parameter with ``update.rounding == "stochastic"`` is updated in a float32 copy
+    and stored back by ``stochastic_round`` (extra memory: the copy).
     """
+    if param.dtype in HALF_PRECISION and update.rounding == "stochastic":
+        exact = param.float()  # the update in float32 (extra memory: this parameter in float32, once)
+        _apply_(exact, param, key=key, update=update, z_of=z_of)
+        generator = torch.Generator(device=param.device)
+        generator.manual_seed(_splitmix64(update.seeds[0] ^ key ^ _ROUNDING_SALT) & ((1 << 63) - 1))
+        param.copy_(stochastic_round(exact, param.dtype, generator))
+    else:
+        _apply_(param, param, key=key, update=update, z_of=z_of)
+
+
+def _apply_(target: torch.Tensor, param: torch.Tensor, *, key: int, update: ZOUpdate,
+            z_of: Callable[[int], torch.Tensor] | None) -> None:
+    """target <- target * (1 - lr wd) - lr/q sum_i g_i z_i, with z drawn as for ``param`` (the
+    directions the perturbed forwards used); ``target`` is ``param`` or a float32 copy of it."""
     if update.weight_decay:
-        param.mul_(1.0 - update.lr * update.weight_decay)
+        target.mul_(1.0 - update.lr * update.weight_decay)
     q = len(update.seeds)
     rows = update.rows_of(key, param.device)
     for i, (seed, g) in enumerate(zip(update.seeds, update.projected_grads, strict=True)):
         alpha = -update.lr * g / q
         if z_of is not None:
-            add_direction_(param, z_of(i), alpha=alpha, rows=rows)
+            add_direction_(target, z_of(i), alpha=alpha, rows=rows)
         elif rows is not None:
             z = direction(param, seed=seed, key=key, distribution=update.distribution, dtype=update.z_dtype, rows=rows)
-            add_direction_(param, z, alpha=alpha, rows=rows)
+            add_direction_(target, z, alpha=alpha, rows=rows)
         else:
             for start, z in direction_blocks(param, seed=seed, key=key, distribution=update.distribution,
                                              dtype=update.z_dtype):
-                param[start : start + len(z)].add_(z, alpha=alpha)
+                target[start : start + len(z)].add_(z, alpha=alpha)
+
+
+def stochastic_round(exact: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """``exact`` (float32) in ``dtype``, rounded to one of its two neighbours there with the
+    probability that makes the expectation exact: E[result] = exact. Round-to-nearest would
+    drop every change under half the spacing; this keeps it on average. Cost: one uniform draw
+    per value; extra memory: a few float32 temporaries of ``exact``'s size."""
+    nearest = exact.to(dtype)
+    below = nearest.float()
+    toward = torch.where(exact > below, float("inf"), float("-inf")).to(dtype)
+    other = torch.nextafter(nearest, toward)
+    gap = other.float() - below  # never 0: other is the next representable value
+    chance = (exact - below) / gap  # in [0, 1/2]: nearest is the closer neighbour
+    return torch.where(torch.rand(exact.shape, generator=generator, device=exact.device) < chance, other, nearest)
 
 
 def replay_(named_params: Iterable[tuple[str, torch.Tensor]], updates: Sequence[ZOUpdate]) -> None:
