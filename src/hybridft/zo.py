@@ -255,11 +255,11 @@ def stochastic_round(exact: torch.Tensor, dtype: torch.dtype, generator: torch.G
     drop every change under half the spacing; this keeps it on average. Cost: one uniform draw
     per value; extra memory: a few float32 temporaries of ``exact``'s size."""
     nearest = exact.to(dtype)
-    below = nearest.float()
-    toward = torch.where(exact > below, float("inf"), float("-inf")).to(dtype)
-    other = torch.nextafter(nearest, toward)
-    gap = other.float() - below  # never 0: other is the next representable value
-    chance = (exact - below) / gap  # in [0, 1/2]: nearest is the closer neighbour
+    near = nearest.float()
+    toward = torch.where(exact > near, float("inf"), float("-inf")).to(dtype)
+    other = torch.nextafter(nearest, toward)  # the neighbour on exact's other side
+    gap = other.float() - near  # never 0: other is the next representable value
+    chance = (exact - near) / gap  # in [0, 1/2]: nearest is the closer neighbour
     return torch.where(torch.rand(exact.shape, generator=generator, device=exact.device) < chance, other, nearest)
 
 
