@@ -213,6 +213,32 @@ def test_embedding_rows_update_only_the_batch_rows_and_log_them():
     assert key == opt.keys[embedding.weight] and rows == tuple(torch.unique(data["input_ids"]).tolist())
 
 
+def test_embedding_rows_in_bf16_round_only_the_batch_rows_and_replay_bitwise(monkeypatch):
+    """Stochastic rounding of a bf16 embedding touches the batch's rows only (not a float32 copy
+    of the whole table per step), other rows keep their bits, and replay rebuilds the weights."""
+    import hybridft.zo as zo
+
+    rounded_rows, stochastic_round = [], zo.stochastic_round
+    monkeypatch.setattr(zo, "stochastic_round", lambda exact, *a: rounded_rows.append(exact.shape) or stochastic_round(exact, *a))
+    model, groups, opt = tiny(torch.bfloat16, embedding_rows=True)
+    opt.zo_group["weight_decay"] = 0.0
+    embedding = model.get_input_embeddings().weight
+    initial, log = base_weights(groups), []
+    for step in range(3):
+        before = embedding.detach().clone()
+        opt.step(closure_for(model, opt, batch(step)))
+        log.append(opt.last_update)
+        ids = torch.unique(batch(step)["input_ids"])
+        outside = torch.ones(len(embedding), dtype=torch.bool)
+        outside[ids] = False
+        assert torch.equal(embedding[outside].view(torch.int16), before[outside].view(torch.int16))
+        assert (len(ids), embedding.shape[1]) in rounded_rows and embedding.shape not in rounded_rows
+        rounded_rows.clear()
+    assert any(not torch.equal(initial[n], p) for n, p in groups.zo.items())
+    replay_(initial.items(), log)
+    assert all(torch.equal(initial[n], p) for n, p in groups.zo.items())
+
+
 def test_batch_row_estimate_is_unbiased_on_an_embedding_quadratic():
     """L = 0.5 ||E[ids] - T||^2: E[g P_B z] = grad L (zero outside the batch rows), within 5 stderr."""
     g0 = torch.Generator().manual_seed(0)

@@ -216,33 +216,43 @@ def update_(
     Cost: len(update.seeds) passes of direction generation over the parameter (none with a
     cache); extra memory: one block of z (one direction's slice where blocks do not apply).
     A bf16/fp16 parameter with ``update.rounding == "stochastic"`` is updated in a float32 copy
-    and stored back by ``stochastic_round`` (extra memory: the copy).
+    and stored back by ``stochastic_round`` (extra memory: the copy; of the batch's rows only
+    under the batch-row estimator without weight decay, the only rows that change then).
     """
     if param.dtype in HALF_PRECISION and update.rounding == "stochastic":
-        exact = param.float()  # the update in float32 (extra memory: this parameter in float32, once)
-        _apply_(exact, param, key=key, update=update, z_of=z_of)
         generator = torch.Generator(device=param.device)
         generator.manual_seed(_splitmix64(update.seeds[0] ^ key ^ _ROUNDING_SALT) & ((1 << 63) - 1))
-        param.copy_(stochastic_round(exact, param.dtype, generator))
+        rows = None if update.weight_decay else update.rows_of(key, param.device)
+        if rows is None:
+            exact = param.float()  # the update in float32 (extra memory: this parameter in float32, once)
+            _apply_(exact, param, key=key, update=update, z_of=z_of)
+            param.copy_(stochastic_round(exact, param.dtype, generator))
+        else:
+            exact = param[rows].float()
+            _apply_(exact, param, key=key, update=update, z_of=z_of, compact=True)
+            param.index_copy_(0, rows, stochastic_round(exact, param.dtype, generator))
     else:
         _apply_(param, param, key=key, update=update, z_of=z_of)
 
 
 def _apply_(target: torch.Tensor, param: torch.Tensor, *, key: int, update: ZOUpdate,
-            z_of: Callable[[int], torch.Tensor] | None) -> None:
+            z_of: Callable[[int], torch.Tensor] | None, compact: bool = False) -> None:
     """target <- target * (1 - lr wd) - lr/q sum_i g_i z_i, with z drawn as for ``param`` (the
-    directions the perturbed forwards used); ``target`` is ``param`` or a float32 copy of it."""
+    directions the perturbed forwards used); ``target`` is ``param`` or a float32 copy of it, or
+    with ``compact`` a float32 copy of the rows the update's z has support on (and no weight decay)."""
     if update.weight_decay:
         target.mul_(1.0 - update.lr * update.weight_decay)
     q = len(update.seeds)
     rows = update.rows_of(key, param.device)
     for i, (seed, g) in enumerate(zip(update.seeds, update.projected_grads, strict=True)):
         alpha = -update.lr * g / q
-        if z_of is not None:
-            add_direction_(target, z_of(i), alpha=alpha, rows=rows)
-        elif rows is not None:
-            z = direction(param, seed=seed, key=key, distribution=update.distribution, dtype=update.z_dtype, rows=rows)
-            add_direction_(target, z, alpha=alpha, rows=rows)
+        if z_of is not None or rows is not None:
+            z = z_of(i) if z_of is not None else direction(
+                param, seed=seed, key=key, distribution=update.distribution, dtype=update.z_dtype, rows=rows)
+            if compact:
+                target.add_(z.to(target.dtype), alpha=alpha)
+            else:
+                add_direction_(target, z, alpha=alpha, rows=rows)
         else:
             for start, z in direction_blocks(param, seed=seed, key=key, distribution=update.distribution,
                                              dtype=update.z_dtype):
