@@ -4,7 +4,13 @@ dev, resume without re-running, a refused changed grid, an extended one, the sum
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +19,7 @@ from hybridft.bench import Cell, cell_config, cells, load_bench, lr_points, run_
 from hybridft.cli import main
 from hybridft.plots import smooth
 from hybridft.replay import LOG, read, rms_move
-from hybridft.report import group_runs, steps_to
+from hybridft.report import grid_edge, group_runs, steps_to
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +64,7 @@ def test_summary_and_plots_are_written(finished):
     assert [p["zo_lr"] for p in hybrid["grid"]] == [1e-3, 1e-2] and all(p["dev_accuracy"] is not None for p in hybrid["grid"])
     grid_line = next(line for line in (root / "results.md").read_text().splitlines() if "| hybrid |" in line and "zo-lr 0.01: " in line)
     assert grid_line.count("**") == 2 and f"**zo-lr {hybrid['learning_rates']['zo_lr']:g}: " in grid_line
+    assert grid_line.endswith(f"| {grid_edge(hybrid)} |") and grid_edge(hybrid)  # a 2-point grid: always an edge
     assert (root / "plots" / "accuracy.png").stat().st_size > 0
 
 
@@ -72,6 +79,17 @@ def test_summary_says_how_far_the_zo_rule_moved_the_weights(finished):
     line = next(line for line in (root / "results.md").read_text().splitlines() if "| zo-full |" in line)
     assert line.endswith(f"| {rows['zo-full']['zo_rms_move']:.2e} |")
     assert len(list((root / "plots").glob("*rotten_tomatoes.png"))) == 1
+
+
+def test_grid_edge_names_the_chosen_rates_at_their_grids_ends():
+    def row(zo_lr, fo_lr):
+        grid = [{"zo_lr": z, "fo_lr": f, "dev_accuracy": 0.5} for z in (1e-7, 1e-6, 1e-5) for f in (1e-4, 1e-3)]
+        return {"learning_rates": {"zo_lr": zo_lr, "fo_lr": fo_lr}, "grid": grid}
+
+    assert grid_edge(row(1e-7, 1e-3)) == "zo-lr smallest, fo-lr largest"
+    assert grid_edge(row(1e-6, 1e-4)) == "fo-lr smallest"
+    fo_lora = {"learning_rates": {"zo_lr": 1e-6, "fo_lr": 1e-3}, "grid": [{"fo_lr": 1e-3, "dev_accuracy": 0.5}]}
+    assert grid_edge(fo_lora) == ""  # one value is no choice; zo_lr is not in its grid
 
 
 def test_rerun_resumes_without_rerunning_finished_cells(finished, bench_file):
@@ -191,3 +209,39 @@ def test_the_study_configs_are_valid_grids(name):
     assert set(bench.methods) == {"hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora"} and len(bench.seeds) >= 3
     assert {"sst2", "wsc", "winogrande"} <= set(bench.tasks)
     assert all(len(lr_points(bench, m)) >= 2 for m in bench.methods)  # a grid per method, chosen on dev
+
+
+def processes_running(needle: str) -> list[int]:
+    """The pids whose command line contains ``needle`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(entry.name))
+        except OSError:
+            continue  # ended meanwhile
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the cell's process through /proc")
+def test_sigterm_to_the_bench_ends_the_running_cells_process_too(bench_file, tmp_path):
+    spec = yaml.safe_load(bench_file.read_text()) | {"output_dir": str(tmp_path / "out"), "isolate": True}
+    spec["train"] = spec["train"] | {"steps": 10_000}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(spec))
+    bench = subprocess.Popen([sys.executable, "-m", "hybridft", "bench", "--config", str(tmp_path / "bench.yaml"),
+                              "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    needle = f"{tmp_path}/out/cells/"
+    deadline = time.monotonic() + 120
+    while not (cell := processes_running(needle)) and time.monotonic() < deadline and bench.poll() is None:
+        time.sleep(0.1)
+    assert cell, "no cell process started"
+    bench.send_signal(signal.SIGTERM)
+    try:
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while processes_running(needle) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not processes_running(needle), "the cell kept training after its bench was terminated"
+    finally:
+        for pid in processes_running(needle):
+            os.kill(pid, signal.SIGKILL)

@@ -4,7 +4,9 @@ For each (model, task, method) the learning rates are chosen on the dev split: e
 the method's grid runs with the selection seed, the best final dev accuracy wins, and the other
 seeds run at that point. Each cell is a fresh process (so its peak memory is its own) writing an
 ordinary run directory; a cell whose ``eval.json`` exists is finished and never re-run, so a
-killed bench resumes where it stopped. After every cell the summary and plots are rewritten.
+killed bench resumes where it stopped (a cell killed mid-run continues from its last checkpoint;
+SIGTERM ends the running cell's process with the bench's). After every cell the summary and plots
+are rewritten.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import itertools
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +212,25 @@ def run_cell(bench: BenchConfig, cell: Cell, root: Path) -> None:
             shutil.rmtree(out / name, ignore_errors=True)
 
 
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """While the bench runs, SIGTERM raises SystemExit (status 143) instead of ending the process
+    on the spot, so ``subprocess.run`` kills the running cell's process on the way out rather than
+    leaving it training, orphaned, into the cell's directory. (Ctrl-C reaches both already.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def exit_(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train_here(config: TrainConfig, log: Any, resume: bool) -> bool:
     """Train in this process, printing into ``log``; False (with the error logged) if it raised."""
     import contextlib
@@ -257,21 +281,22 @@ def run_bench(bench: BenchConfig, *, progress: bool = True) -> Path:
 
     root = Path(bench.output_dir)
     check_same_bench(bench, root)
-    finished, drawn = len(list((root / "cells").glob("**/eval.json"))), time.perf_counter()
-    # finished cells count as done from the start, so the ETA is the rate of cells run now
-    bar = tqdm(total=count(bench), initial=finished, desc="bench", unit="cell", disable=not progress, dynamic_ncols=True)
-    for cell in cells(bench, root):
-        if cell_result(bench, cell, root) is not None:
-            continue
-        bar.set_postfix_str(cell.name, refresh=True)
-        start = time.perf_counter()
-        run_cell(bench, cell, root)
-        redraw = time.perf_counter() - drawn > PLOT_EVERY_SECONDS
-        write_report(bench, root, plots=redraw)
-        drawn = time.perf_counter() if redraw else drawn
-        accuracy = cell_result(bench, cell, root)["dev_accuracy_after"]  # type: ignore[index]
-        bar.write(f"{cell.name}: {accuracy:.4f} dev accuracy ({time.perf_counter() - start:.0f} s)")
-        bar.update()
-    bar.close()
+    with sigterm_as_exit():
+        finished, drawn = len(list((root / "cells").glob("**/eval.json"))), time.perf_counter()
+        # finished cells count as done from the start, so the ETA is the rate of cells run now
+        bar = tqdm(total=count(bench), initial=finished, desc="bench", unit="cell", disable=not progress, dynamic_ncols=True)
+        for cell in cells(bench, root):
+            if cell_result(bench, cell, root) is not None:
+                continue
+            bar.set_postfix_str(cell.name, refresh=True)
+            start = time.perf_counter()
+            run_cell(bench, cell, root)
+            redraw = time.perf_counter() - drawn > PLOT_EVERY_SECONDS
+            write_report(bench, root, plots=redraw)
+            drawn = time.perf_counter() if redraw else drawn
+            accuracy = cell_result(bench, cell, root)["dev_accuracy_after"]  # type: ignore[index]
+            bar.write(f"{cell.name}: {accuracy:.4f} dev accuracy ({time.perf_counter() - start:.0f} s)")
+            bar.update()
+        bar.close()
     write_report(bench, root)
     return root

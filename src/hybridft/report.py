@@ -140,11 +140,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {number(r['steps_to_target'], '.0f')} | {number(r['steps_ratio'], '.2f')} | {r['reached_target']} "
             f"| {r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} | {r['zo_parameters']:,} | {r['fo_parameters']:,} "
             f"| {number(r['zo_rms_move'], '.2e')} |")
-    lines += ["", "Learning-rate grids: final dev accuracy of each point at the selection seed (chosen point in bold).", "",
-              "| model | task | method | points |", "|---|---|---|---|"]
+    lines += ["", "Learning-rate grids: final dev accuracy of each point at the selection seed (chosen point in bold). "
+              "At the edge: the chosen rates that are their grid's smallest or largest value (ties go to the first "
+              "point); a better rate may lie beyond, so extend the grid there before ranking the method.", "",
+              "| model | task | method | points | at the edge |", "|---|---|---|---|---|"]
     for r in rows:
         if r.get("grid"):
-            lines.append(f"| {slug(r['model'])} | {r['task']} | {r['method']} | {grid_text(r)} |")
+            lines.append(f"| {slug(r['model'])} | {r['task']} | {r['method']} | {grid_text(r)} | {grid_edge(r) or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,6 +160,17 @@ def grid_text(row: dict[str, Any]) -> str:
         text = f"{lrs or 'defaults'}: {accuracy}"
         cells.append(f"**{text}**" if chosen else text)
     return ", ".join(cells)
+
+
+def grid_edge(row: dict[str, Any]) -> str:
+    """``zo-lr smallest, fo-lr largest``: the chosen learning rates of ``row`` that are the smallest
+    or largest value of their grid (rates with one value in the grid are not a choice: skipped)."""
+    edges = []
+    for key, chosen in row["learning_rates"].items():
+        values = sorted({point[key] for point in row["grid"] if key in point})
+        if len(values) > 1 and chosen in (values[0], values[-1]):
+            edges.append(f"{key.replace('_', '-')} {'smallest' if chosen == values[0] else 'largest'}")
+    return ", ".join(edges)
 
 
 def write_report(bench: BenchConfig, root: Path, *, plots: bool = True) -> list[dict[str, Any]]:
