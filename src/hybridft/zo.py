@@ -222,28 +222,27 @@ def update_(
     if param.dtype in HALF_PRECISION and update.rounding == "stochastic":
         generator = torch.Generator(device=param.device)
         generator.manual_seed(_splitmix64(update.seeds[0] ^ key ^ _ROUNDING_SALT) & ((1 << 63) - 1))
-        rows = None if update.weight_decay else update.rows_of(key, param.device)
-        if rows is None:
+        rows = update.rows_of(key, param.device)
+        if rows is None or update.weight_decay:
             exact = param.float()  # the update in float32 (extra memory: this parameter in float32, once)
-            _apply_(exact, param, key=key, update=update, z_of=z_of)
+            _apply_(exact, param, key=key, update=update, z_of=z_of, rows=rows)
             param.copy_(stochastic_round(exact, param.dtype, generator))
         else:
             exact = param[rows].float()
-            _apply_(exact, param, key=key, update=update, z_of=z_of, compact=True)
+            _apply_(exact, param, key=key, update=update, z_of=z_of, rows=rows, compact=True)
             param.index_copy_(0, rows, stochastic_round(exact, param.dtype, generator))
     else:
-        _apply_(param, param, key=key, update=update, z_of=z_of)
+        _apply_(param, param, key=key, update=update, z_of=z_of, rows=update.rows_of(key, param.device))
 
 
 def _apply_(target: torch.Tensor, param: torch.Tensor, *, key: int, update: ZOUpdate,
-            z_of: Callable[[int], torch.Tensor] | None, compact: bool = False) -> None:
+            z_of: Callable[[int], torch.Tensor] | None, rows: torch.Tensor | None, compact: bool = False) -> None:
     """target <- target * (1 - lr wd) - lr/q sum_i g_i z_i, with z drawn as for ``param`` (the
-    directions the perturbed forwards used); ``target`` is ``param`` or a float32 copy of it, or
-    with ``compact`` a float32 copy of the rows the update's z has support on (and no weight decay)."""
+    directions the perturbed forwards used; ``rows``: ``update.rows_of(key)``); ``target`` is
+    ``param`` or a float32 copy of it, or with ``compact`` a float32 copy of ``rows`` (no weight decay)."""
     if update.weight_decay:
         target.mul_(1.0 - update.lr * update.weight_decay)
     q = len(update.seeds)
-    rows = update.rows_of(key, param.device)
     for i, (seed, g) in enumerate(zip(update.seeds, update.projected_grads, strict=True)):
         alpha = -update.lr * g / q
         if z_of is not None or rows is not None:
