@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hybridft.bench import Cell, cell_config, cells, load_bench, lr_points, run_bench
+from hybridft.bench import Cell, best_point, cell_config, cells, count, finished as finished_cells, load_bench, lr_points, run_bench
 from hybridft.cli import main
 from hybridft.plots import smooth
 from hybridft.replay import LOG, read, rms_move
@@ -122,6 +122,21 @@ def test_extended_grid_runs_only_the_new_cells(finished, bench_file, tmp_path):
     assert {p: after[p] for p in stamps} == stamps  # finished cells untouched
     assert len(after) == len(stamps) + len(bench.models) * len(bench.tasks) * len(bench.methods)
     assert all("seed7" in str(p) for p in set(after) - set(stamps))
+
+
+def test_progress_counts_only_cells_the_bench_will_run(finished, tmp_path):
+    bench, done = finished
+    root = shutil.copytree(done, tmp_path / "copy")
+    assert finished_cells(bench, root) == count(bench)
+    model, task = bench.models[0], bench.tasks[0]
+    best = best_point(bench, root, model, task, "hybrid")
+    other = next(lrs for lrs in lr_points(bench, "hybrid") if lrs != best)
+    kept = root / "cells" / Cell(model, task, "hybrid", bench.seeds[1], other).name  # a seed at a point no longer chosen
+    shutil.copytree(root / "cells" / Cell(model, task, "hybrid", bench.seeds[1], best).name, kept)
+    assert len(list((root / "cells").glob("**/eval.json"))) == count(bench) + 1
+    assert finished_cells(bench, root) == count(bench)
+    shutil.rmtree(root / "cells" / Cell(model, task, "fo-lora", bench.seeds[1], best_point(bench, root, model, task, "fo-lora")).name)
+    assert finished_cells(bench, root) == count(bench) - 1
 
 
 def test_per_method_fields_reach_only_that_methods_cells_and_an_older_directory_stays_valid(finished, bench_file, tmp_path):

@@ -186,6 +186,19 @@ def count(bench: BenchConfig) -> int:
     return groups * sum(len(lr_points(bench, m)) + len(bench.seeds) - 1 for m in bench.methods)
 
 
+def finished(bench: BenchConfig, root: Path) -> int:
+    """How many of the cells the bench will run have finished. Cells at a point no longer chosen (a
+    grid widened after its other seeds ran) are kept on disk but not counted."""
+    done = 0
+    for model, task, method in itertools.product(bench.models, bench.tasks, bench.methods):
+        done += sum(accuracy is not None for _, accuracy in grid_scores(bench, root, model, task, method))
+        best = best_point(bench, root, model, task, method)
+        if best is not None:
+            done += sum(cell_result(bench, Cell(model, task, method, seed, best), root) is not None
+                        for seed in bench.seeds[1:])
+    return done
+
+
 def run_cell(bench: BenchConfig, cell: Cell, root: Path) -> None:
     """Train one cell (in a fresh process unless ``isolate`` is off), continuing a cell that was
     killed from its last checkpoint; its log goes to the cell's ``log.txt``. Unless ``keep_models``,
@@ -282,9 +295,9 @@ def run_bench(bench: BenchConfig, *, progress: bool = True) -> Path:
     root = Path(bench.output_dir)
     check_same_bench(bench, root)
     with sigterm_as_exit():
-        finished, drawn = len(list((root / "cells").glob("**/eval.json"))), time.perf_counter()
+        drawn = time.perf_counter()
         # finished cells count as done from the start, so the ETA is the rate of cells run now
-        bar = tqdm(total=count(bench), initial=finished, desc="bench", unit="cell", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=count(bench), initial=finished(bench, root), desc="bench", unit="cell", disable=not progress, dynamic_ncols=True)
         for cell in cells(bench, root):
             if cell_result(bench, cell, root) is not None:
                 continue
