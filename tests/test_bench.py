@@ -226,6 +226,19 @@ def test_the_study_configs_are_valid_grids(name):
     assert all(len(lr_points(bench, m)) >= 2 for m in bench.methods)  # a grid per method, chosen on dev
 
 
+@pytest.mark.parametrize("name", ["study-minilm.yaml", "study-smollm2.yaml"])
+def test_the_committed_study_results_are_the_whole_grid_of_their_config(name):
+    """BENCHMARKS.md reads the committed results as the finished study: every cell the config asks
+    for has its eval.json, and the directory's bench.json records this very grid."""
+    repo = Path(__file__).parent.parent
+    bench = load_bench(repo / "benchmarks" / name)
+    root = repo / bench.output_dir
+    assert finished_cells(bench, root) == count(bench)
+    saved = json.loads((root / "bench.json").read_text())
+    assert (saved["models"], saved["tasks"], saved["methods"], saved["seeds"]) == \
+        (list(bench.models), list(bench.tasks), list(bench.methods), list(bench.seeds))
+
+
 def processes_running(needle: str) -> list[int]:
     """The pids whose command line contains ``needle`` (Linux /proc)."""
     found = []
