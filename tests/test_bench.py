@@ -17,7 +17,7 @@ import yaml
 
 from hybridft.bench import Cell, best_point, cell_config, cells, count, finished as finished_cells, load_bench, lr_points, run_bench
 from hybridft.cli import main
-from hybridft.plots import smooth
+from hybridft.plots import group_label, smooth
 from hybridft.replay import LOG, read, rms_move
 from hybridft.report import grid_edge, group_runs, steps_to
 
@@ -214,6 +214,14 @@ def test_steps_to_target_and_smoothing():
     assert steps_to(points, 0.7) == 10 and steps_to(points, 0.81) is None
     assert steps_to(points, 0.7, start=0.6) == 10 and steps_to(points, 0.7, start=0.7) is None  # nothing to reach
     assert smooth([1.0, 3.0, 5.0], 2).tolist() == [1.0, 2.0, 4.0]
+
+
+def test_a_bar_group_measured_on_dev_says_so():
+    rows = [{"model": "minilm", "task": "sst2", "method": "hybrid", "split": "test"},
+            {"model": "minilm", "task": "rotten_tomatoes", "method": "hybrid", "split": "dev"},
+            {"model": "minilm", "task": "rotten_tomatoes", "method": "fo-lora", "split": "dev"}]
+    assert group_label(rows, "minilm", "sst2") == "minilm\nsst2"
+    assert group_label(rows, "minilm", "rotten_tomatoes") == "minilm\nrotten_tomatoes (dev)"
 
 
 @pytest.mark.parametrize("name", ["study-minilm.yaml", "study-smollm2.yaml"])

@@ -99,10 +99,16 @@ def plot_group(title: str, runs: dict[str, list[Path]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_bars(rows: list[dict[str, Any]], path: Path) -> None:
-    """Final accuracy per method with std error bars, one group of bars per model x task."""
+def group_label(rows: list[dict[str, Any]], model: str, task: str) -> str:
+    """A bar group's tick label; a task measured on another split than test (no test set) says so."""
     from hybridft.bench import slug
 
+    splits = sorted({r["split"] for r in rows if (r["model"], r["task"]) == (model, task)})
+    return f"{slug(model)}\n{task}" + ("" if splits == ["test"] else f" ({'/'.join(splits)})")
+
+
+def plot_bars(rows: list[dict[str, Any]], path: Path) -> None:
+    """Final accuracy per method with std error bars, one group of bars per model x task."""
     plt = _pyplot()
     groups = list(dict.fromkeys((r["model"], r["task"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -115,8 +121,8 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> None:
         errors = [found[key]["accuracy_std"] for key in groups if key in found]
         ax.bar(xs, ys, width, yerr=errors, capsize=3, label=method, color=f"C{i}")
     ax.set_xticks([g + width * (len(methods) - 1) / 2 for g in range(len(groups))],
-                  [f"{slug(m)}\n{t}" for m, t in groups])
-    ax.set(ylabel="final accuracy (mean ± std over seeds)")
+                  [group_label(rows, m, t) for m, t in groups])
+    ax.set(ylabel="final accuracy (mean ± std over seeds)\non the test split unless marked")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
