@@ -164,7 +164,11 @@ def grid_scores(bench: BenchConfig, root: Path, model: str, task: str,
 
 def best_point(bench: BenchConfig, root: Path, model: str, task: str, method: str) -> tuple[tuple[str, float], ...] | None:
     """The grid point with the best final dev accuracy at the selection seed (None until all ran)."""
-    scores = grid_scores(bench, root, model, task, method)
+    return chosen(grid_scores(bench, root, model, task, method))
+
+
+def chosen(scores: list[tuple[tuple[tuple[str, float], ...], float | None]]) -> tuple[tuple[str, float], ...] | None:
+    """The best point of ``grid_scores``' list (None until every point has a score)."""
     if any(accuracy is None for _, accuracy in scores):
         return None
     return max(scores, key=lambda s: s[1])[0]  # max keeps the first of equal scores
@@ -191,8 +195,9 @@ def finished(bench: BenchConfig, root: Path) -> int:
     grid widened after its other seeds ran) are kept on disk but not counted."""
     done = 0
     for model, task, method in itertools.product(bench.models, bench.tasks, bench.methods):
-        done += sum(accuracy is not None for _, accuracy in grid_scores(bench, root, model, task, method))
-        best = best_point(bench, root, model, task, method)
+        scores = grid_scores(bench, root, model, task, method)
+        done += sum(accuracy is not None for _, accuracy in scores)
+        best = chosen(scores)
         if best is not None:
             done += sum(cell_result(bench, Cell(model, task, method, seed, best), root) is not None
                         for seed in bench.seeds[1:])
