@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from hybridft import checkpoint, replay
-from hybridft.config import TrainConfig
-from hybridft.train import build, train_step
+from hybridft.run import checkpoint, replay
+from hybridft.run.config import TrainConfig
+from hybridft.run.train import build, train_step
 
 
 def main() -> None:

@@ -69,8 +69,8 @@ def smollm2_shaped() -> torch.nn.Module:
 
 
 def load(name: str, method: str) -> torch.nn.Module:
-    from hybridft.methods import USES_ADAPTER, lora_config, wrap
-    from hybridft.models import load_classifier
+    from hybridft.engine.methods import USES_ADAPTER, lora_config, wrap
+    from hybridft.data.models import load_classifier
 
     if name == "smollm2":
         model, heads = smollm2_shaped(), ["score"]
@@ -85,7 +85,7 @@ def load(name: str, method: str) -> torch.nn.Module:
 def measure(row: str, args: argparse.Namespace) -> dict[str, float]:
     from transformers.utils import logging as hf_logging
 
-    from hybridft.methods import assign, build_optimizer
+    from hybridft.engine.methods import assign, build_optimizer
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
@@ -144,8 +144,8 @@ def measure(row: str, args: argparse.Namespace) -> dict[str, float]:
 
 def generation(args: argparse.Namespace) -> None:
     """Seconds for one pass of z generation over the model's weights, per option."""
-    from hybridft.directions import parallel_map
-    from hybridft.zo import direction, parameter_key
+    from hybridft.engine.directions import parallel_map
+    from hybridft.engine.zo import direction, parameter_key
 
     model = load(args.model, "zo-full")
     named = [(parameter_key(n), p.detach()) for n, p in model.named_parameters()]

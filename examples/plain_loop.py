@@ -12,9 +12,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hybridft import HybridOptimizer, ReshufflingSampler
-from hybridft.methods import assign
-from hybridft.models import resolve
-from hybridft.tasks import load_task
+from hybridft.engine.methods import assign
+from hybridft.data.models import resolve
+from hybridft.data.tasks import load_task
 
 MODEL = resolve(os.environ.get("MODEL", "minilm"))  # a packaged name, a hub id or a local directory
 STEPS = int(os.environ.get("STEPS", "100"))

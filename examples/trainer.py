@@ -12,9 +12,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from hybridft.hf_trainer import HybridTrainer, HybridTrainingArguments
-from hybridft.models import resolve
-from hybridft.tasks import load_task
+from hybridft.integrations.hf_trainer import HybridTrainer, HybridTrainingArguments
+from hybridft.data.models import resolve
+from hybridft.data.tasks import load_task
 
 MODEL = resolve(os.environ.get("MODEL", "minilm"))  # a packaged name, a hub id or a local directory
 STEPS = int(os.environ.get("STEPS", "100"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from hybridft.config import TrainConfig
+from hybridft.run.config import TrainConfig
 from tests.trainer_runs import trainer
 
 config_file, out = sys.argv[1], Path(sys.argv[2])

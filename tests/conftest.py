@@ -41,7 +41,7 @@ def save_tiny_bert(path: Path, tokenizer, **changes) -> Path:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from hybridft.models import resolve
+    from hybridft.data.models import resolve
 
     return AutoTokenizer.from_pretrained(resolve("minilm"))
 

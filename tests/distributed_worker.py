@@ -1,5 +1,5 @@
 """What each rank of the spawned gloo group in test_distributed.py runs (module level, so that
-torch.multiprocessing can spawn it; imports only torch and hybridft.distributed)."""
+torch.multiprocessing can spawn it; imports only torch and hybridft.run.distributed)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybridft.distributed import DataParallel, World
+from hybridft.run.distributed import DataParallel, World
 
 
 def identical(parallel: DataParallel, module: nn.Module) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hybridft import checkpoint
+from hybridft.run import checkpoint
 from tests.test_cli import assert_refused
 from tests.test_optim import closure_for, hybrid_setup
 

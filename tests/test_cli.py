@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from hybridft import export
+from hybridft.run import export
 from hybridft.cli import main
-from hybridft.config import TrainConfig, load_yaml
-from hybridft.formulations import formulation
-from hybridft.tasks import load_task, subsample
-from hybridft.train import train
+from hybridft.run.config import TrainConfig, load_yaml
+from hybridft.data.formulations import formulation
+from hybridft.data.tasks import load_task, subsample
+from hybridft.run.train import train
 
 TINY = ["--train-size", "64", "--dev-size", "32", "--batch-size", "8", "--steps", "3", "--no-progress"]
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hybridft.config import TrainConfig
-from hybridft.distributed import World, shard_sampler
-from hybridft.train import train
+from hybridft.run.config import TrainConfig
+from hybridft.run.distributed import World, shard_sampler
+from hybridft.run.train import train
 
 FILES = ("model/model.safetensors", "adapter/adapter_model.safetensors")
 

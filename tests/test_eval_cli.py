@@ -7,8 +7,8 @@ import json
 import pytest
 
 from hybridft.cli import main
-from hybridft.config import TrainConfig
-from hybridft.train import build
+from hybridft.run.config import TrainConfig
+from hybridft.run.train import build
 from shared_data import DATA, needs_data
 from test_tasks import classification_task
 
@@ -50,8 +50,8 @@ def test_bad_eval_input_is_one_line_and_exit_2(tiny_bert_dir, capsys, flags, mes
 def test_a_trained_causal_lm_reloads_with_the_same_scores(tiny_causal_dirs, tmp_path):
     import torch
 
-    from hybridft import export
-    from hybridft.train import train
+    from hybridft.run import export
+    from hybridft.run.train import train
 
     config = TrainConfig(model=str(tiny_causal_dirs["llama"]), task=str(classification_task(tmp_path)), batch_size=4,
                          steps=2, zo_lr=0.1, eps=0.05, threads=1, progress=False, output_dir=str(tmp_path / "run"))

@@ -42,7 +42,7 @@ def test_plain_loop_example_trains_the_base_and_the_adapter(tiny_example_env, ti
 
 
 def test_trainer_example_trains_evaluates_and_saves_checkpoints(tiny_example_env):
-    from hybridft import export
+    from hybridft.run import export
 
     result = runpy.run_path(str(EXAMPLES / "trainer.py"), run_name="__main__")
     trainer = result["trainer"]

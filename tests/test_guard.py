@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from hybridft import checkpoint
-from hybridft.formulations import SequenceClassification, head_loss
+from hybridft.run import checkpoint
+from hybridft.data.formulations import SequenceClassification, head_loss
 from hybridft.cli import main
-from hybridft.config import TrainConfig
-from hybridft.train import TrainingDiverged, build, train
+from hybridft.run.config import TrainConfig
+from hybridft.run.train import TrainingDiverged, build, train
 from tests.test_optim import closure_for, hybrid_setup, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hybridft import export
-from hybridft.config import TrainConfig
-from hybridft.hf_trainer import HybridTrainer, HybridTrainingArguments
-from hybridft.train import train
+from hybridft.run import export
+from hybridft.run.config import TrainConfig
+from hybridft.integrations.hf_trainer import HybridTrainer, HybridTrainingArguments
+from hybridft.run.train import train
 from tests.conftest import tiny_bert
 from tests.trainer_runs import KillAt, trainer
 

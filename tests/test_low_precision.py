@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from hybridft.methods import assign, build_optimizer
-from hybridft.zo import ZOUpdate, direction, parameter_key, perturb_, replay_, stochastic_round, update_
+from hybridft.engine.methods import assign, build_optimizer
+from hybridft.engine.zo import ZOUpdate, direction, parameter_key, perturb_, replay_, stochastic_round, update_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

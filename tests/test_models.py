@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_bert, write_tiny_gguf
-from hybridft.models import dequantized, load, model_kind, resolve
+from hybridft.data.models import dequantized, load, model_kind, resolve
 
 
 def test_model_kind_from_config(tiny_causal_dirs, tiny_bert_dir):

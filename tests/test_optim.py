@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hybridft.methods import assign, build_optimizer
-from hybridft.schedules import scheduler
+from hybridft.engine.methods import assign, build_optimizer
+from hybridft.engine.schedules import scheduler
 from tests.conftest import tiny_bert
 
 
@@ -135,7 +135,7 @@ def test_same_seed_same_run_different_seed_different_run(batch):
 
 
 def test_zo_params_with_requires_grad_are_refused():
-    from hybridft.optim import HybridOptimizer
+    from hybridft.engine.optim import HybridOptimizer
 
     layer = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="requires_grad"):

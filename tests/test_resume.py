@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hybridft import checkpoint
+from hybridft.run import checkpoint
 from hybridft.cli import main
 from tests.test_cli import assert_refused
 

@@ -6,7 +6,7 @@ import pytest
 
 import torch
 
-from hybridft.sampler import EpochSampler, ReshufflingSampler
+from hybridft.engine.sampler import EpochSampler, ReshufflingSampler
 
 
 def test_each_epoch_visits_every_example_exactly_once_in_a_fresh_order():

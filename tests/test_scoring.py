@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hybridft.evaluate import accuracy
-from hybridft.formulations import MultipleChoice, SequenceClassification
-from hybridft.scoring import CandidateScoring, row, special_prefix
-from hybridft.tasks import Example, load_task, winogrande
-from hybridft.tasks.template import SENTIMENT, Template
+from hybridft.data.evaluate import accuracy
+from hybridft.data.formulations import MultipleChoice, SequenceClassification
+from hybridft.data.scoring import CandidateScoring, row, special_prefix
+from hybridft.data.tasks import Example, load_task, winogrande
+from hybridft.data.tasks.template import SENTIMENT, Template
 from test_tasks import HUB_WINOGRANDE
 
 CPU = torch.device("cpu")

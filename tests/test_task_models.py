@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybridft.config import TrainConfig
-from hybridft.formulations import MultipleChoice, SequenceClassification
-from hybridft.scoring import CandidateScoring
-from hybridft.train import build, train_step
+from hybridft.run.config import TrainConfig
+from hybridft.data.formulations import MultipleChoice, SequenceClassification
+from hybridft.data.scoring import CandidateScoring
+from hybridft.run.train import build, train_step
 from shared_data import DATA, needs_data
 
 TASKS = ["rotten_tomatoes", "sst2", "wsc", "winogrande_xs"]

@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from hybridft.tasks import Example, holdout, load_task, sources, sst2, subsample, winogrande, wsc
-from hybridft.tasks.template import join
+from hybridft.data.tasks import Example, holdout, load_task, sources, sst2, subsample, winogrande, wsc
+from hybridft.data.tasks.template import join
 from shared_data import DATA, needs_data
 
 # Records shaped like the datasets hub's (nyu-mll/glue sst2, aps/super_glue wsc.fixed, allenai/winogrande).

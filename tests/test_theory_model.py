@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from hybridft.cli import main
-from hybridft.config import TrainConfig
+from hybridft.run.config import TrainConfig
 from hybridft.theory.config import SmoothnessConfig
 from hybridft.theory.eps import eps_scan
 from hybridft.theory.pairs import block_grads
 from hybridft.theory.smoothness import batch_loss, measure, run_blocks
-from hybridft.train import build
+from hybridft.run.train import build
 
 TINY = ["--train-size", "64", "--dev-size", "16", "--batch-size", "8", "--no-progress", "--threads", "1"]
 QUICK = ["--start-batches", "2", "--variance-batches", "3", "--points", "1", "--every", "1",

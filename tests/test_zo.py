@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from hybridft.optim import HybridOptimizer
-from hybridft.perturb import perturbed
-from hybridft.replay import rms_move
-from hybridft.zo import ZOUpdate, direction, parameter_key, replay_, update_
+from hybridft.engine.optim import HybridOptimizer
+from hybridft.engine.perturb import perturbed
+from hybridft.run.replay import rms_move
+from hybridft.engine.zo import ZOUpdate, direction, parameter_key, replay_, update_
 
 
 class Quadratic(nn.Module):

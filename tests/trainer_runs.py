@@ -11,16 +11,16 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithPadding, TrainerCallback
 
-from hybridft.config import TrainConfig
-from hybridft.hf_trainer import HybridTrainer, HybridTrainingArguments
-from hybridft.tasks import load_task, subsample
-from hybridft.train import build_model
+from hybridft.run.config import TrainConfig
+from hybridft.integrations.hf_trainer import HybridTrainer, HybridTrainingArguments
+from hybridft.data.tasks import load_task, subsample
+from hybridft.run.train import build_model
 
 OPTIM = {"adamw": "adamw_torch", "sgd": "sgd"}  # the CLI's torch.optim classes (not the fused AdamW default)
 
 
 def model_and_data(config: TrainConfig) -> tuple[torch.nn.Module, Any, list[dict[str, Any]]]:
-    """The model, tokenizer and tokenized training set of ``hybridft.train.train(config)``, built
+    """The model, tokenizer and tokenized training set of ``hybridft.run.train.train(config)``, built
     by the same code from the same seed (so the new head and LoRA start from the same values)."""
     torch.manual_seed(config.seed)
     task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from hybridft.config import TrainConfig, load_yaml
+from hybridft.run.config import TrainConfig, load_yaml
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -63,7 +63,7 @@ def given_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "resume", None):
-        from hybridft.checkpoint import resume_config
+        from hybridft.run.checkpoint import resume_config
 
         return resume_config(args.resume, given_fields(args))
     try:
@@ -135,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # raised inside peft's wrapping by transformers 5; not actionable for a user
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         if args.command == "train":
-            from hybridft import distributed
-            from hybridft.train import train
+            from hybridft.run import distributed
+            from hybridft.run.train import train
 
             config = config_from_args(args)
             config.validate()
@@ -145,21 +145,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 distributed.shutdown()
         elif args.command == "replay":
-            from hybridft.replay import rebuild
+            from hybridft.run.replay import rebuild
 
             rebuild(args.run_dir, args.output_dir)
         elif args.command == "bench":
-            from hybridft.bench import load_bench, run_bench
+            from hybridft.study.bench import load_bench, run_bench
 
             root = run_bench(load_bench(args.config, args.output_dir), progress=not args.no_progress)
             print(f"results: {root / 'results.md'}, plots: {root / 'plots'}")
         elif args.command == "plot":
-            from hybridft.plots import plot
+            from hybridft.study.plots import plot
 
             for path in plot(args.run_dir):
                 print(path)
         elif args.command == "eval":
-            from hybridft.zero_shot import zero_shot
+            from hybridft.run.zero_shot import zero_shot
 
             print(report(zero_shot(config_from_args(args))))
         elif args.command == "smoothness":
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hybridft: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
-        from hybridft.train import TrainingDiverged
+        from hybridft.run.train import TrainingDiverged
 
         if not isinstance(error, TrainingDiverged):
             raise

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from hybridft.config import TrainConfig
-from hybridft.formulations import Formulation
-from hybridft.sampler import ReshufflingSampler
-from hybridft.tasks import Example
+from hybridft.run.config import TrainConfig
+from hybridft.data.formulations import Formulation
+from hybridft.engine.sampler import ReshufflingSampler
+from hybridft.data.tasks import Example
 from hybridft.theory.advice import Advice, advise
 from hybridft.theory.config import SmoothnessConfig, floats
 from hybridft.theory.eps import advise_eps, eps_scan

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from hybridft.config import TrainConfig
+from hybridft.run.config import TrainConfig
 from hybridft.theory import plots
 from hybridft.theory.config import SmoothnessConfig
 from hybridft.theory.envelope import Interval
 from hybridft.theory.eps import advise_eps
 from hybridft.theory.estimates import Estimates, estimate
 from hybridft.theory.smoothness import Measurement, measure, to_dict
-from hybridft.train import build, total_steps
+from hybridft.run.train import build, total_steps
 
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from hybridft.config import _f
+from hybridft.run.config import _f
 from hybridft.theory.pairs import KINDS
 
 

@@ -3,7 +3,7 @@
 For a direction z (the engine's own, regenerated from a seed) and an exact gradient g of the ZO
 block (backprop, analysis only):
 
-    p(eps) = [f_S(theta + eps z) - f_S(theta - eps z)] / (2 eps)      (hybridft.perturb, as in training)
+    p(eps) = [f_S(theta + eps z) - f_S(theta - eps z)] / (2 eps)      (hybridft.engine.perturb, as in training)
     error(eps) = |p(eps) - z . g| / |z . g|
 
 A large eps pays the truncation error (third derivatives along z; the second-order term cancels
@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from hybridft.perturb import perturbed
-from hybridft.zo import direction, parameter_key, projected_grad, step_seed
+from hybridft.engine.perturb import perturbed
+from hybridft.engine.zo import direction, parameter_key, projected_grad, step_seed
 
 
 def exact_projection(zo_params: Mapping[str, nn.Parameter], grads: Sequence[torch.Tensor], *, seed: int) -> float:

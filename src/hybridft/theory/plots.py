@@ -1,13 +1,13 @@
 """Plots: measured smoothness ratios against the gradient norm with the fitted envelopes, and
 min-so-far gradient norms against epochs next to the theoretical rate. PNG files (matplotlib's
-Agg backend, as ``hybridft.plots``)."""
+Agg backend, as ``hybridft.study.plots``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hybridft.plots import _pyplot
+from hybridft.study.plots import _pyplot
 from hybridft.theory.advice import BLOCKS
 from hybridft.theory.estimates import ALL, Fit
 from hybridft.theory.pairs import Pair

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hybridft.config import TrainConfig
+from hybridft.run.config import TrainConfig
 from hybridft.theory import plots
 from hybridft.theory.config import SmoothnessConfig
 from hybridft.theory.estimates import envelopes
@@ -101,7 +101,7 @@ def minilm(out: Path) -> dict[str, Any]:
 
 
 def lr_auto() -> dict[str, Any]:
-    from hybridft.train import train
+    from hybridft.run.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(threads=1, progress=False, lr="auto", fo_optimizer="sgd", steps=60, dev_size=500,

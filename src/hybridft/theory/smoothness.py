@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hybridft.sampler import ReshufflingSampler
+from hybridft.engine.sampler import ReshufflingSampler
 from hybridft.theory.config import SmoothnessConfig, floats
 from hybridft.theory.eps import eps_scan
 from hybridft.theory.estimates import Data
 from hybridft.theory.pairs import Blocks, Pair, Tensors, block_grads, dot, measure_point
-from hybridft.train import Run, train_step
+from hybridft.run.train import Run, train_step
 
 RADII = (1e-3, 1e-2, 1e-1, 1.0)
 LossFn = Callable[[], torch.Tensor]

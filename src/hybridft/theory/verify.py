@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hybridft.optim import HybridOptimizer
-from hybridft.sampler import ReshufflingSampler
+from hybridft.engine.optim import HybridOptimizer
+from hybridft.engine.sampler import ReshufflingSampler
 from hybridft.theory.advice import Advice, advise, batch_variance
 from hybridft.theory.config import SmoothnessConfig, floats
 from hybridft.theory.eps import advise_eps, eps_scan

@@ -1,0 +1,135 @@
+"""The direction z of one ZO step, as every ZO parameter sees it: generated on demand or cached,
+over a whole parameter or over the rows of an input embedding that the batch reads.
+
+``zo.direction`` draws one parameter's slice of z from (seed, key). ``Directions`` adds what a
+step needs on top of it:
+
+- a **z-cache** (opt-in): each slice is generated once per step and kept, so the +eps and
+  -eps evaluations and the update reuse it. Generation passes per step: 1 instead of 3;
+  extra memory: one copy of the ZO weights (in their dtype) for the length of the step.
+- **batch rows** (opt-in, untied input embeddings only): the embedding's z has support on the
+  rows of the tokens in the batch, ``z = P_B z'`` with ``P_B`` the projection on those rows.
+  L(theta; B) does not depend on the other rows, so the two loss values, hence the projected
+  gradient g, are exactly those of the full-support z; the update ``g P_B z'`` drops the
+  pure-noise term on rows the batch never read. It is unbiased for grad L(theta; B) (the
+  batch gradient is zero outside those rows) with lower variance. Rows are recorded at the
+  first forward that runs the embedding and logged in ``ZOUpdate.rows`` for replay.
+- **parallel generation**: whole-model passes (cache fill, update) run one parameter per task
+  on ``threads`` threads; each slice comes from its own generator, so z is identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from hybridft.engine.zo import Distribution, ZDtype, direction, direction_rows
+
+T = TypeVar("T")
+
+
+def parallel_map(fn: Callable[[T], object], items: Iterable[T], threads: int) -> None:
+    """Run ``fn`` on every item, on ``threads`` threads (torch ops release the GIL)."""
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(fn, items):
+            pass
+
+
+class Directions:
+    """z(seed) for the ZO parameters of one step (one of its q directions).
+
+    ``row_keys``: parameters whose z is restricted to batch rows; ``rows`` (key -> sorted row
+    ids) is shared by a step's directions and filled by ``record_rows``. ``cache``: keep z.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        *,
+        distribution: Distribution = "gaussian",
+        dtype: ZDtype = "float32",
+        row_keys: frozenset[int] = frozenset(),
+        rows: dict[int, torch.Tensor] | None = None,
+        cache: bool = False,
+    ) -> None:
+        self.seed = seed
+        self.distribution: Distribution = distribution
+        self.dtype: ZDtype = dtype
+        self.row_keys = row_keys
+        self.rows = {} if rows is None else rows
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    def record_rows(self, key: int, rows: torch.Tensor) -> None:
+        """Fix the support of a batch-row parameter's z; every later forward must read the same rows."""
+        if key not in self.row_keys:
+            return
+        seen = self.rows.setdefault(key, rows)
+        if seen is not rows and not torch.equal(seen, rows):
+            raise ValueError("batch-row directions: the input embedding read different tokens within one step")
+
+    def z(self, param: torch.Tensor, key: int) -> torch.Tensor:
+        """This parameter's slice of z: full shape, or ``(len(rows), ...)`` for a batch-row parameter."""
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        rows = self.rows.get(key, param.new_empty(0, dtype=torch.long)) if key in self.row_keys else None
+        z = direction(param, seed=self.seed, key=key, distribution=self.distribution, dtype=self.dtype, rows=rows)
+        if self.cache is not None:
+            self.cache[key] = z
+        return z
+
+    def z_rows(self, param: torch.Tensor, key: int, rows: torch.Tensor) -> torch.Tensor:
+        """z on ``rows`` of ``param`` (a perturbation that only the batch's rows need); without
+        a cache, the full-support z is generated a block at a time (``zo.direction_rows``)."""
+        if key in self.row_keys:
+            self.record_rows(key, rows)
+            return self.z(param, key)
+        if self.cache is None:
+            return direction_rows(param, rows, seed=self.seed, key=key, distribution=self.distribution, dtype=self.dtype)
+        return self.z(param, key)[rows]
+
+    def fill_cache(self, keys: Mapping[nn.Parameter, int], threads: int = 1) -> None:
+        """Generate every full-support slice now, in parallel (batch-row slices wait for the batch)."""
+        if self.cache is None:
+            raise ValueError("fill_cache needs Directions(cache=True)")
+        parallel_map(lambda item: self.z(*item), [(p, k) for p, k in keys.items() if k not in self.row_keys], threads)
+
+    def cache_bytes(self) -> int:
+        return sum(z.numel() * z.element_size() for z in (self.cache or {}).values())
+
+    def logged_rows(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """The rows of each batch-row parameter, for ``ZOUpdate.rows`` (empty: the embedding never ran)."""
+        return tuple((k, tuple(self.rows[k].tolist()) if k in self.rows else ()) for k in sorted(self.row_keys))
+
+
+def reads_rows_only(module: nn.Module) -> bool:
+    """Whether ``module``'s forward reads only the rows of its weight indexed by its input:
+    a plain ``nn.Embedding`` (not a subclass with its own forward) without ``max_norm``."""
+    return (isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+            and module.max_norm is None)
+
+
+def input_embedding_key(module: nn.Module, keys: Mapping[nn.Parameter, int]) -> int:
+    """The key of the input-embedding weight, checked fit for batch-row directions: in the ZO
+    set, a plain ``nn.Embedding``, and untied (a tied output layer reads every row)."""
+    get = getattr(module, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    embedding = getattr(embedding, "base_layer", embedding)  # peft's LoRA embedding wraps the original
+    if not isinstance(embedding, nn.Module) or not reads_rows_only(embedding):
+        raise ValueError("batch-row directions need an input embedding that is a plain nn.Embedding")
+    weight = embedding.weight
+    if weight not in keys:
+        raise ValueError("batch-row directions: the input embedding is not in the ZO set")
+    readers = [m for m in module.modules() if any(p is weight for p in m._parameters.values())]
+    if len(readers) > 1:
+        raise ValueError("batch-row directions need an untied input embedding; this model ties it to another "
+                         "layer, which reads every row")
+    return keys[weight]

@@ -1,0 +1,1 @@
+"""hybridft inside other training frameworks (transformers.Trainer)."""

@@ -1,0 +1,162 @@
+"""The run configuration: one frozen dataclass whose fields (with their help text) are the CLI
+flags, and which a YAML file may set. It is read at the edges (CLI, builders) only."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hybridft.engine.methods import METHODS
+from hybridft.engine.schedules import SCHEDULES
+
+MODEL_KINDS = ("auto", "encoder", "causal")
+DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run."""
+
+    model: str = _f("minilm", "HF hub id, local directory, GGUF file (path or owner/repo/file.gguf), or packaged name (minilm, smollm2)")
+    model_kind: str = _f("auto", "encoder (classification / multiple-choice head) or causal (candidate scoring); auto: from the model's config", choices=MODEL_KINDS)
+    score: str = _f("mean", "how a causal LM ranks candidates: mean (length-normalised) or sum of their token log-likelihoods", choices=("mean", "sum"))
+    dtype: str = _f("float32", "dtype the weights are loaded in: float32 (default), bfloat16 / float16 (half the memory; ZO updates are then stored by --zo-rounding), float64, or auto (the checkpoint's own, transformers' default)", choices=DTYPES)
+    cache_dir: str | None = _f(None, "where dequantized GGUF models are kept (default: $HYBRIDFT_CACHE_DIR or ~/.cache/hybridft)")
+    task: str = _f("rotten_tomatoes", "task name (rotten_tomatoes, imdb, sst2, wsc, winogrande, winogrande_xs/s/m/l/xl) or a task file (.yaml)")
+    data_dir: str | None = _f(None, "folder with local copies of the benchmark files (sst2/, wsc/, winogrande/; default: $HYBRIDFT_DATA_DIR, else the datasets hub)")
+    method: str = _f("hybrid", "what is trained and how", choices=METHODS)
+    steps: int = _f(100, "optimizer steps (ignored when --epochs is set)")
+    epochs: float | None = _f(None, "train for this many passes over the training set instead of --steps")
+    batch_size: int = _f(16, "examples per step")
+    zo_lr: float = _f(1e-6, "learning rate of the ZO group (base weights; adapter for zo-lora)")
+    fo_lr: float = _f(2e-3, "learning rate of the FO group (adapter + head; all weights for fo-full)")
+    eps: float = _f(1e-3, "ZO perturbation scale")
+    lr: str | None = _f(None, "auto: set zo-lr, fo-lr (plain SGD) and eps from a short smoothness measurement at the start (docs/theory.md)")
+    smoothness: str | None = _f(None, "with --lr auto: use this smoothness.json (from hybridft smoothness) instead of measuring")
+    seed: int = _f(0, "seed of the data split, sampler, ZO directions and initialisation")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    target_modules: str | None = _f("all-linear", "comma-separated module names for LoRA, or all-linear (every linear layer but the output layer; null in a config file: peft's per-architecture choice)")
+    modules_to_save: str | None = _f(None, "comma-separated modules trained in full with the adapter, besides the new task head (e.g. pooler)")
+    fo_optimizer: str = _f("adamw", "optimizer of the FO group (sgd: plain SGD as in the analysis)", choices=("sgd", "adamw"))
+    fo_momentum: float = _f(0.0, "SGD momentum of the FO group (0: plain SGD, as in the analysis)")
+    zo_weight_decay: float = _f(0.0, "weight decay of the ZO group")
+    fo_weight_decay: float = _f(0.0, "weight decay of the FO group")
+    zo_schedule: str = _f("constant", "learning-rate schedule of the ZO group", choices=SCHEDULES)
+    fo_schedule: str = _f("linear", "learning-rate schedule of the FO group", choices=SCHEDULES)
+    warmup_steps: int = _f(0, "linear warmup steps for both groups")
+    num_directions: int = _f(1, "ZO directions averaged per step (q)")
+    one_sided: bool = _f(False, "one-sided ZO estimate (L(theta+eps z) - L(theta)) / eps")
+    distribution: str = _f("gaussian", "distribution of the ZO direction z", choices=("gaussian", "rademacher"))
+    fused: bool = _f(False, "fused estimator: the FO forward+backward is a ZO evaluation (at theta+eps z; at theta with --one-sided), one forward less per step (docs/step_cost.md)")
+    z_cache: bool = _f(False, "generate z once per step and keep it for the step (memory: one copy of the ZO weights)")
+    zo_rounding: str = _f("stochastic", "how ZO updates are stored into bfloat16/float16 weights (float32 takes them exactly): stochastic (unbiased; replays exactly) or nearest (MeZO's: an update under half a weight's spacing is lost)", choices=("stochastic", "nearest"))
+    z_dtype: str = _f("float32", "draw z in float32 (then cast) or in the weights' own dtype", choices=("float32", "param"))
+    embedding_rows: bool = _f(False, "perturb and update only the input-embedding rows of the batch's tokens (untied embeddings; docs/step_cost.md)")
+    zo_threads: int = _f(1, "threads generating z in parallel across parameters (update and z-cache passes; same z)")
+    sampler: str = _f("reshuffle", "mini-batch sampling", choices=("reshuffle", "replacement"))
+    max_length: int | None = _f(None, "tokens per input, longer inputs are truncated (default: the task's: 64 movie reviews, 128 SST-2/WinoGrande/task files, 256 WSC)")
+    train_size: int | None = _f(None, "subsample the training split to this many examples")
+    dev_size: int | None = _f(1000, "subsample the dev split to this many examples")
+    test_size: int | None = _f(1000, "subsample the test split (where the task has one) to this many examples")
+    eval_batch_size: int = _f(64, "examples per evaluation forward")
+    eval_every: int = _f(0, "also measure dev accuracy every this many steps (0: only before and after)")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)")
+    device: str = _f("auto", "cpu, cuda, or auto")
+    output_dir: str | None = _f(None, "where to write the run (default: runs/<time>-<method>)")
+    save_merged: bool = _f(False, "also save the model with the adapter merged in (plain transformers load)")
+    trust_remote_code: bool = _f(False, "allow model code from the hub to run")
+    progress: bool = _f(True, "show a progress bar")
+    plot: bool = _f(True, "draw loss.png (loss and dev accuracy against steps) at the end")
+    checkpoint_every: int = _f(50, "write a checkpoint every this many steps (0: only at the end); resume with --resume")
+    keep_checkpoints: int = _f(2, "checkpoints kept (the newest)")
+    max_bad_steps: int = _f(5, "stop after this many consecutive steps skipped for a non-finite loss or gradient")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message on a value no run can use."""
+        check_types(self)
+        for name in ("zo_lr", "fo_lr", "eps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "lora_r", "num_directions", "eval_batch_size",
+                     "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr not in (None, "auto") or (self.smoothness and self.lr != "auto"):
+            raise ValueError(f"--lr takes only auto (with --smoothness FILE optional); got lr={self.lr!r}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be 0 or positive, got {self.eval_every}")
+        if self.zo_threads < 1:
+            raise ValueError(f"--zo-threads must be at least 1, got {self.zo_threads}")
+        if self.fused and self.method != "hybrid":
+            raise ValueError(f"--fused needs a method with both a ZO and an FO part (hybrid), not {self.method}")
+        if (self.z_cache or self.embedding_rows) and self.method in ("fo-lora", "fo-full"):
+            raise ValueError(f"--z-cache and --embedding-rows need a method with a ZO part, not {self.method}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        for name in ("train_size", "dev_size", "test_size", "max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be 0 or more, got {self.checkpoint_every}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_types(config: TrainConfig) -> None:
+    """Each field holds its annotated type (a YAML file can hold anything)."""
+    for f in dataclasses.fields(config):
+        value, annotation = getattr(config, f.name), str(f.type)
+        if value is None and annotation.endswith("| None"):
+            continue
+        allowed = _TYPES.get(annotation.replace("| None", "").strip())
+        if allowed is None:  # a type this check does not know: the field's own checks apply
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ValueError(f"{f.name} must be {annotation.replace('| None', 'or null').strip()}, got {value!r}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of config fields (dashes or underscores); unknown keys are an error."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ValueError(f"{path} is not valid YAML ({where}{getattr(error, 'problem', None) or error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config field(s) {', '.join(unknown)}")
+    floats = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type).startswith("float")}
+    for name in floats & set(values):
+        if isinstance(values[name], str):  # PyYAML (YAML 1.1) reads 1e-3 as a string
+            try:
+                values[name] = float(values[name])
+            except ValueError:
+                pass  # reported with the field's type by TrainConfig.validate
+    return values
