@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hybridft.run import checkpoint, replay
+from hybridft.run import checkpoint, zo_log
 from hybridft.run.config import TrainConfig
 from hybridft.run.train import build, train_step
 
@@ -40,7 +40,7 @@ def main() -> None:
         checkpoint.load(run, path)
         load = time.perf_counter() - start
     weights = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
-    log_line = len(replay.to_json(run.optimizer.last_update)) + 1 if run.optimizer.last_update else 0
+    log_line = len(zo_log.to_json(run.optimizer.last_update)) + 1 if run.optimizer.last_update else 0
     print(f"{args.model} {args.method}: checkpoint {size / 2**20:.1f} MiB (state dict {weights / 2**20:.1f} MiB), "
           f"write {statistics.median(times):.2f} s (median of 3), load {load:.2f} s; replay log {log_line} bytes/step")
 

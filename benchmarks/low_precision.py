@@ -3,7 +3,7 @@
 A ZO step adds -lr * g * z_j to every weight w_j. Stored in bfloat16 or float16 and rounded to
 nearest (MeZO's way), w_j changes only where that exceeds half the dtype's spacing at w_j.
 Stochastic rounding (hybridft's default) keeps the update on average. This applies one update
-(Gaussian z, the values of lr * |g| given) with ``hybridft.engine.zo.update_`` to every weight of the
+(Gaussian z, the values of lr * |g| given) with ``hybridft.engine.rules.update_`` to every weight of the
 model in each dtype and prints: the fraction of weights left bitwise unchanged, and the share of
 the exact update kept along it, <stored change, exact change> / |exact change|^2 (1 = all of it).
 
@@ -17,7 +17,8 @@ import argparse
 import torch
 
 from hybridft.data.models import resolve
-from hybridft.engine.zo import ZOUpdate, parameter_key, update_
+from hybridft.engine.rules import update_
+from hybridft.engine.zo import ZOUpdate, parameter_key
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

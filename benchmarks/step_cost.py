@@ -19,6 +19,7 @@ with random weights (no checkpoint is available offline; step cost does not depe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -85,7 +86,8 @@ def load(name: str, method: str) -> torch.nn.Module:
 def measure(row: str, args: argparse.Namespace) -> dict[str, float]:
     from transformers.utils import logging as hf_logging
 
-    from hybridft.engine.methods import assign, build_optimizer
+    from hybridft.engine.methods import assign, build_optimizer, fo_optimizer
+    from hybridft.run.config import TrainConfig
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
@@ -99,7 +101,9 @@ def measure(row: str, args: argparse.Namespace) -> dict[str, float]:
     ids = torch.randint(1000, 20000, (args.batch, args.tokens), generator=g)
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
              "labels": torch.randint(2, (args.batch,), generator=g).to(device)}
-    optimizer = build_optimizer(model, groups, zo_lr=1e-7, fo_lr=1e-4, eps=1e-3, seed=0, **modes)
+    flags = {("zo_threads" if k == "threads" else k): v for k, v in modes.items()}  # the CLI's names
+    optimizer = build_optimizer(model, groups, zo_lr=1e-7, seed=0, fo=functools.partial(fo_optimizer, "sgd", lr=1e-4),
+                                **TrainConfig(eps=1e-3, **flags).zo_step())
 
     def sync() -> None:
         if device.type == "cuda":

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hybridft import HybridOptimizer, ReshufflingSampler
+from hybridft import HybridOptimizer, ReshufflingSampler, TwoSided
 from hybridft.engine.methods import assign
 from hybridft.data.models import resolve
 from hybridft.data.tasks import load_task
@@ -24,7 +24,8 @@ tokenizer = AutoTokenizer.from_pretrained(MODEL)
 model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=2, dtype=torch.float32),
                        LoraConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier", "pooler"]))
 groups = assign("hybrid", model)  # base weights -> ZO (requires_grad off); adapter + head -> FO
-optimizer = HybridOptimizer(model, groups.zo, torch.optim.AdamW(groups.fo.values(), lr=5e-3), lr=1e-6, eps=1e-3, seed=0)
+optimizer = HybridOptimizer(model, groups.zo, torch.optim.AdamW(groups.fo.values(), lr=5e-3), lr=1e-6, seed=0,
+                            estimator=TwoSided(eps=1e-3))
 task = load_task("rotten_tomatoes")
 
 for step, indices in zip(range(STEPS), ReshufflingSampler(len(task.train), 16, seed=0)):

@@ -174,3 +174,21 @@ def write_tiny_gguf(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def zo_step(**flags):
+    """The ZO step's objects for CLI-style flags (``fused``, ``threads``, ``rounding``, ...), made
+    at the same edge the CLI uses (``TrainConfig.zo_step``)."""
+    from hybridft.run.config import TrainConfig
+
+    renamed = {"threads": "zo_threads", "rounding": "zo_rounding", "weight_decay": "zo_weight_decay"}
+    return TrainConfig(**{renamed.get(k, k): v for k, v in flags.items()}).zo_step()
+
+
+def sgd(lr: float):
+    """params -> plain SGD at ``lr`` (build_optimizer's ``fo``)."""
+    import functools
+
+    from hybridft.engine.methods import fo_optimizer
+
+    return functools.partial(fo_optimizer, "sgd", lr=lr)

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hybridft.study.bench import Cell, best_point, cell_config, cells, count, finished as finished_cells, load_bench, lr_points, run_bench
+from hybridft.study.bench import run_bench
+from hybridft.study.grid import Cell, best_point, cell_config, cells, count, finished as finished_cells, group_runs, load_bench, lr_points
 from hybridft.cli import main
 from hybridft.study.plots import group_label, smooth
-from hybridft.run.replay import LOG, read, rms_move
-from hybridft.study.report import grid_edge, group_runs, steps_to
+from hybridft.run.zo_log import LOG, read, rms_move
+from hybridft.study.report import grid_edge, steps_to
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_plot_command_redraws_bench_and_run(finished, capsys):
 
 
 def test_a_killed_cell_continues_from_its_checkpoint(bench_file, tmp_path):
-    from hybridft.study.bench import cell_config
+    from hybridft.study.grid import cell_config
     from hybridft.run.train import train
 
     spec = yaml.safe_load(bench_file.read_text())

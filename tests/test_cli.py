@@ -169,3 +169,19 @@ def test_existing_run_is_not_overwritten_without_flag(tiny_bert_dir, tmp_path, c
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_bytes() == before
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_every_config_field_is_in_exactly_one_help_section(capsys):
+    """A new TrainConfig field must be given a section of ``train --help`` (cli.FLAG_GROUPS)."""
+    import dataclasses
+    from collections import Counter
+
+    from hybridft.cli import FLAG_GROUPS
+
+    counts = Counter(name for names in FLAG_GROUPS.values() for name in names)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(counts) == fields, f"no section: {fields - set(counts)}; not a field: {set(counts) - fields}"
+    assert [name for name, n in counts.items() if n > 1] == []
+    assert main(["train", "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"\n{title}:\n" in printed for title in FLAG_GROUPS), printed

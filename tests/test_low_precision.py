@@ -10,7 +10,10 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from hybridft.engine.methods import assign, build_optimizer
-from hybridft.engine.zo import ZOUpdate, direction, parameter_key, perturb_, replay_, stochastic_round, update_
+from hybridft.engine.estimators import TwoSided
+from hybridft.engine.rules import replay_, update_
+from hybridft.engine.storage import stochastic_round, storage_rule
+from hybridft.engine.zo import ZOUpdate, direction, parameter_key, perturb_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +33,7 @@ def bits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_100_zo_steps_with_lr_0_leave_low_precision_weights_bitwise_unchanged(dtype):
     model = small_bert(dtype)
     groups = assign("zo-full", model)
-    opt = build_optimizer(model, groups, zo_lr=0.0, fo_lr=1.0, eps=1e-2, seed=0)
+    opt = build_optimizer(model, groups, zo_lr=0.0, seed=0, estimator=TwoSided(eps=1e-2))
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, 128, (4, 12), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
     before = bits(model)
@@ -97,7 +100,7 @@ def test_half_precision_zo_run_replays_bitwise(rounding):
     model = small_bert(torch.bfloat16)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     groups = assign("zo-full", model)
-    opt = build_optimizer(model, groups, zo_lr=1e-4, fo_lr=1.0, eps=1e-2, seed=0, rounding=rounding)
+    opt = build_optimizer(model, groups, zo_lr=1e-4, seed=0, estimator=TwoSided(eps=1e-2), storage=storage_rule(rounding))
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, 128, (4, 12), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
     log = []
@@ -117,6 +120,6 @@ def test_the_optimizer_warns_on_nearest_rounding_of_half_precision_zo_weights_on
         model = small_bert(dtype)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            build_optimizer(model, assign("zo-full", model), zo_lr=1e-6, fo_lr=1.0, eps=1e-3, seed=0, rounding=rounding)
+            build_optimizer(model, assign("zo-full", model), zo_lr=1e-6, seed=0, storage=storage_rule(rounding))
         messages = [str(w.message) for w in caught]
         assert any("rounded to nearest" in m for m in messages) == warns, (dtype, rounding, messages)

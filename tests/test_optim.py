@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from hybridft.engine.estimators import TwoSided
 from hybridft.engine.methods import assign, build_optimizer
+from hybridft.engine.methods import fo_optimizer as make_fo
 from hybridft.engine.schedules import scheduler
 from tests.conftest import tiny_bert
 
@@ -18,7 +21,8 @@ def hybrid_setup(method: str = "hybrid", fo_optimizer: str = "sgd", seed: int = 
     if method in ("hybrid", "fo-lora", "zo-lora"):
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
     groups = assign(method, model)
-    opt = build_optimizer(model, groups, zo_lr=1e-3, fo_lr=0.05, eps=1e-3, seed=seed, fo_optimizer=fo_optimizer)
+    opt = build_optimizer(model, groups, zo_lr=1e-3, seed=seed, fo=functools.partial(make_fo, fo_optimizer, lr=0.05),
+                          estimator=TwoSided(eps=1e-3))
     sched = scheduler(opt, ["cosine"] + ["linear"] * (len(opt.param_groups) - 1), total_steps=20, warmup_steps=2)
     return model, groups, opt, sched
 

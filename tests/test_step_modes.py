@@ -15,7 +15,11 @@ from torch import nn
 from hybridft.engine.directions import Directions, input_embedding_key
 from hybridft.engine.methods import assign, build_optimizer
 from hybridft.engine.perturb import perturb_into_, perturbed
-from hybridft.engine.zo import direction, parameter_key, replay_
+from hybridft.engine.rules import replay_
+from hybridft.engine.zo import direction, parameter_key
+from hybridft.engine.estimators import FusedTwoSided
+from hybridft.engine.rules import ZOSGD
+from tests.conftest import sgd, zo_step
 from tests.test_optim import closure_for as optim_closure_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny models on one thread
@@ -63,7 +67,7 @@ def tiny(dtype: torch.dtype = torch.float32, method: str = "hybrid", model: str 
     model.to(dtype)
     groups = assign(method, model)
     zo_lr = modes.pop("zo_lr", 1e-2)
-    opt = build_optimizer(model, groups, zo_lr=zo_lr, fo_lr=0.05, eps=1e-2, seed=3, zo_weight_decay=0.1, **modes)
+    opt = build_optimizer(model, groups, zo_lr=zo_lr, seed=3, fo=sgd(0.05), **zo_step(eps=1e-2, weight_decay=0.1, **modes))
     return model, groups, opt
 
 
@@ -85,7 +89,7 @@ def base_weights(groups) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", NEW_PATHS)
 def test_100_steps_at_zo_lr_0_leave_low_precision_weights_bitwise_unchanged(dtype, mode):
     model, groups, opt = tiny(dtype, model="mlp", **MODES[mode], zo_lr=0.0)
-    opt.zo_group["weight_decay"] = 0.0
+    opt.rule = ZOSGD(weight_decay=0.0)
     before = base_weights(groups)
     for step in range(100):
         opt.step(closure_for(model, opt, batch(step)))
@@ -188,7 +192,7 @@ def test_fused_refuses_a_closure_that_switches_modes_and_a_zo_only_method():
 def test_fused_dropout_masks_agree_between_the_fo_pass_and_the_forward():
     """Train mode, dropout on: at eps -> 0 the fused two-sided losses agree (common random numbers)."""
     model, _, opt = tiny(fused=True)
-    opt.zo_group["eps"] = 1e-9
+    opt.estimator = FusedTwoSided(eps=1e-9)
     seen = []
     closure = closure_for(model, opt, batch())
 
@@ -205,7 +209,7 @@ def test_embedding_rows_update_only_the_batch_rows_and_log_them():
     data = batch()
     embedding = model.get_input_embeddings()
     before = embedding.weight.detach().clone()
-    opt.zo_group["weight_decay"] = 0.0
+    opt.rule = ZOSGD(weight_decay=0.0)
     opt.step(closure_for(model, opt, data))
     changed = (embedding.weight != before).any(dim=1).nonzero().flatten()
     assert torch.equal(changed, torch.unique(data["input_ids"]))
@@ -216,12 +220,12 @@ def test_embedding_rows_update_only_the_batch_rows_and_log_them():
 def test_embedding_rows_in_bf16_round_only_the_batch_rows_and_replay_bitwise(monkeypatch):
     """Stochastic rounding of a bf16 embedding touches the batch's rows only (not a float32 copy
     of the whole table per step), other rows keep their bits, and replay rebuilds the weights."""
-    import hybridft.engine.zo as zo
+    import hybridft.engine.storage as zo
 
     rounded_rows, stochastic_round = [], zo.stochastic_round
     monkeypatch.setattr(zo, "stochastic_round", lambda exact, *a: rounded_rows.append(exact.shape) or stochastic_round(exact, *a))
     model, groups, opt = tiny(torch.bfloat16, embedding_rows=True)
-    opt.zo_group["weight_decay"] = 0.0
+    opt.rule = ZOSGD(weight_decay=0.0)
     embedding = model.get_input_embeddings().weight
     initial, log = base_weights(groups), []
     for step in range(3):

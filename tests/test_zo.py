@@ -8,8 +8,11 @@ from torch import nn
 
 from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.perturb import perturbed
-from hybridft.run.replay import rms_move
-from hybridft.engine.zo import ZOUpdate, direction, parameter_key, replay_, update_
+from hybridft.run.zo_log import rms_move
+from hybridft.engine.directions import DirectionSampler
+from hybridft.engine.estimators import OneSided, TwoSided
+from hybridft.engine.rules import ZOSGD, replay_, update_
+from hybridft.engine.zo import ZOUpdate, direction, parameter_key
 
 
 class Quadratic(nn.Module):
@@ -121,7 +124,7 @@ def test_z_does_not_depend_on_parameter_order():
     runs = []
     for reverse in (False, True):
         model = Quadratic(reverse=reverse)
-        opt = HybridOptimizer(model, dict(model.named_parameters()), lr=1e-2, eps=1e-3, seed=5)
+        opt = HybridOptimizer(model, dict(model.named_parameters()), lr=1e-2, seed=5, estimator=TwoSided(eps=1e-3))
         for _ in range(5):
             opt.step(lambda: model())
         runs.append((model.first.detach().clone(), model.second.detach().clone()))
@@ -130,7 +133,8 @@ def test_z_does_not_depend_on_parameter_order():
 
 def test_zo_steps_descend_a_quadratic_and_global_rng_is_untouched():
     model = Quadratic(dim=8)
-    opt = HybridOptimizer(model, dict(model.named_parameters()), lr=2e-3, eps=1e-3, seed=1, num_directions=4)
+    opt = HybridOptimizer(model, dict(model.named_parameters()), lr=2e-3, seed=1,
+                          estimator=TwoSided(eps=1e-3, num_directions=4))
     state = torch.get_rng_state()
     start = float(model())
     for _ in range(300):
@@ -142,8 +146,8 @@ def test_zo_steps_descend_a_quadratic_and_global_rng_is_untouched():
 def test_replay_rebuilds_zo_trained_weights():
     model = Quadratic()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = HybridOptimizer(model, dict(model.named_parameters()), lr=1e-2, eps=1e-3, seed=2,
-                          weight_decay=0.1, num_directions=2)
+    opt = HybridOptimizer(model, dict(model.named_parameters()), lr=1e-2, seed=2,
+                          estimator=TwoSided(eps=1e-3, num_directions=2), rule=ZOSGD(weight_decay=0.1))
     log = []
     for _ in range(10):
         opt.step(lambda: model())
@@ -177,9 +181,10 @@ def test_update_applies_weight_decay_then_direction():
 
 
 def test_one_sided_and_rademacher_options_run_and_descend():
-    for options in ({"one_sided": True}, {"distribution": "rademacher"}):
+    for options in ({"estimator": OneSided(eps=1e-4)},
+                    {"estimator": TwoSided(eps=1e-4), "directions": DirectionSampler(distribution="rademacher")}):
         model = Quadratic(dim=8)
-        opt = HybridOptimizer(model, dict(model.named_parameters()), lr=2e-3, eps=1e-4, seed=1, **options)
+        opt = HybridOptimizer(model, dict(model.named_parameters()), lr=2e-3, seed=1, **options)
         start = float(model())
         for _ in range(300):
             opt.step(lambda: model())

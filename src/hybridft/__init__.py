@@ -1,18 +1,29 @@
 """hybridft: hybrid fine-tuning, zeroth-order on the base weights and first-order on a peft adapter."""
 
-from hybridft.engine.directions import Directions
+from hybridft.engine.directions import DirectionSampler, Directions
+from hybridft.engine.estimators import FusedOneSided, FusedTwoSided, OneSided, TwoSided
 from hybridft.engine.optim import HybridOptimizer
+from hybridft.engine.rules import ZOSGD, replay_, update_
 from hybridft.engine.sampler import ReshufflingSampler
 from hybridft.engine.split import Partition, split
-from hybridft.engine.zo import ZOUpdate, direction, parameter_key, perturb_, projected_grad, replay_, step_seed, update_
+from hybridft.engine.storage import NearestRounding, StochasticRounding
+from hybridft.engine.zo import ZOUpdate, direction, parameter_key, perturb_, projected_grad, step_seed
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DirectionSampler",
     "Directions",
+    "FusedOneSided",
+    "FusedTwoSided",
     "HybridOptimizer",
+    "NearestRounding",
+    "OneSided",
     "Partition",
     "ReshufflingSampler",
+    "StochasticRounding",
+    "TwoSided",
+    "ZOSGD",
     "ZOUpdate",
     "direction",
     "parameter_key",

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from hybridft.run.config import TrainConfig, load_yaml
@@ -24,25 +24,59 @@ EVAL_FIELDS = ("model", "model_kind", "score", "cache_dir", "task", "data_dir", 
                "test_size", "eval_batch_size", "threads", "device", "trust_remote_code")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
-    """--config FILE.yaml and one flag per TrainConfig field (or per field in ``names``)."""
+# The sections of ``train --help``: each TrainConfig field is in exactly one (tests/test_cli.py).
+FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "model and task": ("model", "model_kind", "score", "dtype", "cache_dir", "trust_remote_code", "task", "data_dir"),
+    "method and PEFT": ("method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save"),
+    "ZO rule": ("eps", "num_directions", "one_sided", "distribution", "fused", "z_cache", "zo_rounding", "z_dtype",
+                "embedding_rows", "zo_threads", "zo_weight_decay"),
+    "FO optimizer": ("fo_optimizer", "fo_momentum", "fo_weight_decay"),
+    "learning rates and schedules": ("zo_lr", "fo_lr", "lr", "smoothness", "zo_schedule", "fo_schedule",
+                                     "warmup_steps"),
+    "data and evaluation": ("batch_size", "sampler", "max_length", "train_size", "dev_size", "test_size",
+                            "eval_batch_size", "eval_every"),
+    "run and output": ("steps", "epochs", "seed", "output_dir", "save_merged", "checkpoint_every", "keep_checkpoints",
+                       "max_bad_steps", "device", "threads", "progress", "plot"),
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser,
+                     names: Sequence[str] | None = None) -> dict[str, argparse._ArgumentGroup]:
+    """--config FILE.yaml and one flag per TrainConfig field (or per field in ``names``), in the
+    sections of FLAG_GROUPS; returns the sections by title."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields; flags override it")
-    add_dataclass_flags(parser, TrainConfig, names)
+    return add_dataclass_flags(parser, TrainConfig, names, groups=FLAG_GROUPS)
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None,
+                        groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, argparse._ArgumentGroup]:
     """One flag per field of the dataclass ``cls`` (or per field in ``names``); every default is
-    None so that unset flags are known."""
-    for f in dataclasses.fields(cls):
-        if names is not None and f.name not in names:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=_flag_type(str(f.type)), default=None, help=help_text,
-                                choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper())
+    None so that unset flags are known. ``groups`` maps a --help section title to field names
+    (a field in none is listed with the parser's own options); returns the sections by title."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if names is None or f.name in names}
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for title, members in (groups or {}).items():
+        chosen = [fields.pop(name) for name in members if name in fields]
+        if chosen:
+            sections[title] = parser.add_argument_group(title)
+            for f in chosen:
+                _add_flag(sections[title], f)
+    for f in fields.values():
+        _add_flag(parser, f)
+    return sections
+
+
+def _add_flag(container: argparse._ActionsContainer, f: dataclasses.Field[Any]) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    help_text = f.metadata["help"]
+    if "default:" not in help_text:  # a help text may say its default itself, in words
+        help_text += f" (default: {f.default})"
+    if f.type == "bool":
+        container.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        container.add_argument(flag, type=_flag_type(str(f.type)), default=None, help=help_text,
+                               choices=f.metadata.get("choices"),
+                               metavar=None if f.metadata.get("choices") else f.name.upper())
 
 
 def dataclass_from_args(args: argparse.Namespace, cls: type) -> Any:
@@ -83,10 +117,10 @@ def parser() -> argparse.ArgumentParser:
     root = Parser(prog="hybridft", description="Hybrid ZO (base) + FO (adapter) fine-tuning.")
     commands = root.add_subparsers(dest="command")
     train = commands.add_parser("train", help="fine-tune a model (with no flags: MiniLM + LoRA on Rotten Tomatoes, offline)")
-    add_config_flags(train)
-    train.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a run")
-    train.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its latest checkpoint "
-                       "(its config.json is the config; only runtime flags such as --threads may change)")
+    run_section = add_config_flags(train)["run and output"]
+    run_section.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a run")
+    run_section.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its latest "
+                             "checkpoint (its config.json is the config; only runtime flags such as --threads may change)")
     replay = commands.add_parser("replay", help="rebuild a run's trained model from its initial model and ZO update log")
     replay.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's --output-dir")
     replay.add_argument("--output-dir", help="where to save the rebuilt model (default: RUN_DIR/replayed)")
@@ -101,9 +135,10 @@ def parser() -> argparse.ArgumentParser:
     from hybridft.theory.config import SmoothnessConfig
 
     smoothness = commands.add_parser("smoothness", help="measure block-wise smoothness along a training trajectory, advise step sizes (docs/theory.md)")
-    add_config_flags(smoothness)
-    add_dataclass_flags(smoothness, SmoothnessConfig)
-    smoothness.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a measurement")
+    run_section = add_config_flags(smoothness)["run and output"]
+    add_dataclass_flags(smoothness, SmoothnessConfig,
+                        groups={"smoothness measurement": [f.name for f in dataclasses.fields(SmoothnessConfig)]})
+    run_section.add_argument("--overwrite", action="store_true", help="reuse an --output-dir that already holds a measurement")
     return root
 
 
@@ -137,11 +172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from hybridft.run import distributed
             from hybridft.run.train import train
+            from hybridft.theory.auto import resolve_lr
 
             config = config_from_args(args)
             config.validate()
             try:
-                train(config, overwrite=args.overwrite, resume=args.resume is not None)
+                result = train(config, overwrite=args.overwrite, resume=args.resume is not None, resolve_lr=resolve_lr)
+                if config.plot and distributed.world().main:
+                    from hybridft.study.plots import plot_run
+
+                    print(f"plot: {plot_run(result.output_dir)}")
             finally:
                 distributed.shutdown()
         elif args.command == "replay":
@@ -149,9 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             rebuild(args.run_dir, args.output_dir)
         elif args.command == "bench":
-            from hybridft.study.bench import load_bench, run_bench
+            from hybridft.study.bench import run_bench
+            from hybridft.study.grid import load_bench
+            from hybridft.theory.auto import resolve_lr
 
-            root = run_bench(load_bench(args.config, args.output_dir), progress=not args.no_progress)
+            root = run_bench(load_bench(args.config, args.output_dir), progress=not args.no_progress,
+                             resolve_lr=resolve_lr)
             print(f"results: {root / 'results.md'}, plots: {root / 'plots'}")
         elif args.command == "plot":
             from hybridft.study.plots import plot

@@ -11,6 +11,7 @@ from torch import nn
 
 from hybridft.data.formulations import Formulation
 from hybridft.data.tasks import Example
+from hybridft.engine.modes import evaluating
 
 
 @torch.no_grad()
@@ -22,14 +23,12 @@ def accuracy(model: nn.Module, formulation: Formulation, tokenizer: Any, example
     length, so each is padded to about its own examples' length."""
     if not examples:
         raise ValueError("accuracy of an empty set of examples")
-    was_training = model.training
-    model.eval()
     correct = 0
     ordered = sorted(examples, key=text_length)
-    for i in range(0, len(ordered), batch_size):
-        batch = formulation.encode(tokenizer, ordered[i : i + batch_size], device=device)
-        correct += int((formulation.predict(model, batch) == batch["labels"]).sum())
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(ordered), batch_size):
+            batch = formulation.encode(tokenizer, ordered[i : i + batch_size], device=device)
+            correct += int((formulation.predict(model, batch) == batch["labels"]).sum())
     return correct / len(examples)
 
 

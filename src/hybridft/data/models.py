@@ -149,7 +149,7 @@ def load(name: str, head: str, *, num_labels: int | None = None, trust_remote_co
 
     ``dtype`` is float32 unless asked otherwise: transformers 5 loads a checkpoint in its own
     dtype by default (``"auto"``: bf16/fp16 for most hub LLMs), where a small ZO update survives
-    only by stochastic rounding (``zo.stochastic_round``; rounded to nearest it is mostly lost).
+    only by stochastic rounding (``storage.stochastic_round``; rounded to nearest it is mostly lost).
 
     The head is found from what the checkpoint did not contain (transformers' loading info),
     so it works for any architecture's head name (``classifier``, ``score``, ...).

@@ -16,18 +16,23 @@ step needs on top of it:
   first forward that runs the embedding and logged in ``ZOUpdate.rows`` for replay.
 - **parallel generation**: whole-model passes (cache fill, update) run one parameter per task
   on ``threads`` threads; each slice comes from its own generator, so z is identical.
+
+``DirectionSampler`` is the rule a ``HybridOptimizer`` takes: the distribution of z and these
+options, checked once when it is made; each step it hands out that step's ``Directions``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch import nn
 
-from hybridft.engine.zo import Distribution, ZDtype, direction, direction_rows
+from hybridft.engine.rng import step_seed
+from hybridft.engine.zo import DISTRIBUTIONS, Z_DTYPES, Distribution, HyperparameterError, ZDtype, direction, direction_rows
 
 T = TypeVar("T")
 
@@ -108,6 +113,48 @@ class Directions:
     def logged_rows(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
         """The rows of each batch-row parameter, for ``ZOUpdate.rows`` (empty: the embedding never ran)."""
         return tuple((k, tuple(self.rows[k].tolist()) if k in self.rows else ()) for k in sorted(self.row_keys))
+
+
+@dataclass(frozen=True)
+class DirectionSampler:
+    """How a step's directions are drawn: z ~ N(0, I) (``gaussian``) or uniform on {-1, +1}
+    (``rademacher``), drawn in float32 or in the weights' dtype (``z_dtype``), generated on
+    demand or once per step (``cache``), restricted to the batch's input-embedding rows
+    (``embedding_rows``), on ``threads`` threads for whole-model passes."""
+
+    distribution: Distribution = "gaussian"
+    z_dtype: ZDtype = "float32"
+    cache: bool = False
+    embedding_rows: bool = False
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.distribution not in DISTRIBUTIONS:
+            raise HyperparameterError("distribution", f"must be one of {', '.join(DISTRIBUTIONS)}; got {self.distribution!r}")
+        if self.z_dtype not in Z_DTYPES:
+            raise HyperparameterError("z_dtype", f"must be one of {', '.join(Z_DTYPES)}; got {self.z_dtype!r}")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise HyperparameterError("threads", f"must be at least 1, got {self.threads}")
+
+    def row_keys(self, module: nn.Module, keys: Mapping[nn.Parameter, int]) -> frozenset[int]:
+        """The keys whose z is restricted to batch rows: the input embedding's, with ``embedding_rows``."""
+        return frozenset([input_embedding_key(module, keys)]) if self.embedding_rows else frozenset()
+
+    def step(self, seed: int, step: int, num_directions: int, keys: Mapping[nn.Parameter, int],
+             row_keys: frozenset[int] = frozenset()) -> list[Directions]:
+        """The ``num_directions`` directions of step ``step`` of a run seeded ``seed`` (their
+        batch rows shared); with ``cache``, full-support slices are generated now."""
+        rows: dict[int, torch.Tensor] = {}
+        directions = [Directions(step_seed(seed, step, i), distribution=self.distribution, dtype=self.z_dtype,
+                                 row_keys=row_keys, rows=rows, cache=self.cache) for i in range(num_directions)]
+        if self.cache:
+            for d in directions:
+                d.fill_cache(keys, self.threads)
+        return directions
+
+    def map(self, fn: Callable[[T], object], items: Iterable[T]) -> None:
+        """``fn`` over ``items`` on this sampler's threads (a whole-model pass over z)."""
+        parallel_map(fn, items, self.threads)
 
 
 def reads_rows_only(module: nn.Module) -> bool:

@@ -11,15 +11,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from hybridft.engine.directions import DirectionSampler
+from hybridft.engine.estimators import Estimator, TwoSided
 from hybridft.engine.optim import HybridOptimizer
+from hybridft.engine.rules import ZOSGD, UpdateRule
 from hybridft.engine.split import Partition, split
+from hybridft.engine.storage import StochasticRounding, StorageRule
 
 METHODS = ("hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora")
 USES_ADAPTER = {"hybrid": True, "fo-lora": True, "zo-lora": True, "fo-full": False, "zo-full": False}
@@ -78,34 +81,33 @@ def assign(method: str, model: nn.Module) -> Groups:
     return Groups(partition=partition, zo=dict(zo), fo=dict(fo), frozen=dict(frozen))
 
 
+def fo_optimizer(name: str, params: Sequence[nn.Parameter], *, lr: float, momentum: float = 0.0,
+                 weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The FO rule ``name``: plain SGD (``sgd``, the analysis') or AdamW (``adamw``)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown FO optimizer {name!r}; choose sgd or adamw")
+
+
 def build_optimizer(
     model: nn.Module,
     groups: Groups,
     *,
     zo_lr: float,
-    fo_lr: float,
-    eps: float,
     seed: int,
-    fo_optimizer: str = "sgd",
-    fo_momentum: float = 0.0,
-    zo_weight_decay: float = 0.0,
-    fo_weight_decay: float = 0.0,
-    num_directions: int = 1,
-    one_sided: bool = False,
-    distribution: str = "gaussian",
-    **zo_modes: Any,
+    fo: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    estimator: Estimator = TwoSided(),
+    directions: DirectionSampler = DirectionSampler(),
+    rule: UpdateRule = ZOSGD(),
+    storage: StorageRule = StochasticRounding(),
 ) -> HybridOptimizer:
-    """The hybrid optimizer for ``groups``: the ZO rule plus SGD (default) or AdamW on the FO group.
-    ``zo_modes``: HybridOptimizer's step-cost options (fused, z_cache, z_dtype, embedding_rows, threads)."""
-    fo: torch.optim.Optimizer | None = None
-    if groups.fo:
-        params = list(groups.fo.values())
-        if fo_optimizer == "sgd":
-            fo = torch.optim.SGD(params, lr=fo_lr, momentum=fo_momentum, weight_decay=fo_weight_decay)
-        elif fo_optimizer == "adamw":
-            fo = torch.optim.AdamW(params, lr=fo_lr, weight_decay=fo_weight_decay)
-        else:
-            raise ValueError(f"unknown FO optimizer {fo_optimizer!r}; choose sgd or adamw")
-    return HybridOptimizer(model, groups.zo, fo, lr=zo_lr, eps=eps, weight_decay=zo_weight_decay,
-                           num_directions=num_directions, one_sided=one_sided,
-                           distribution=distribution, seed=seed, **zo_modes)  # type: ignore[arg-type]
+    """The hybrid optimizer for ``groups``: the ZO step composed of ``estimator``, ``directions``,
+    ``rule`` and ``storage`` on the ZO group, and ``fo(params)`` (e.g. a ``functools.partial`` of
+    ``fo_optimizer``) on the FO group, if it has parameters."""
+    fo_part = fo(list(groups.fo.values())) if groups.fo and fo is not None else None
+    if groups.fo and fo is None:
+        raise ValueError("the method trains an FO group; give build_optimizer an FO optimizer (fo=...)")
+    return HybridOptimizer(model, groups.zo, fo_part, lr=zo_lr, seed=seed, estimator=estimator,
+                           directions=directions, rule=rule, storage=storage)

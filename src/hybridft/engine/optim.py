@@ -19,18 +19,16 @@ if there is a ZO set, and 3 passes of z generation over the ZO set (+eps, -eps, 
 Memory: the ZO set holds no gradient and no optimizer state; a perturbed forward holds one
 module's weights extra (batch rows only for an embedding).
 
-``fused=True`` (needs an FO part) makes the FO pass one of the ZO evaluations:
-two-sided, the FO forward+backward runs at theta + eps z_1 and one no-grad forward at
-theta - eps z_1 completes g_1 (1 fwd+bwd + 1 fwd); one-sided, g_i = [L(theta + eps z_i) -
-L_FO] / eps reuses the FO loss at theta. The adapter gradient is then taken at theta + eps z_1
-(two-sided): an O(eps) bias, see docs/step_cost.md. The closure must compute the same
-function with and without grad (same train/eval mode; checked). ``z_cache=True`` generates z
-once per step (memory: one copy of the ZO weights); ``embedding_rows=True`` restricts the
-input embedding's z to the batch's rows (``directions.py``); ``z_dtype="param"`` draws z in the
-weights' dtype; ``threads`` generates z for whole-model passes in parallel (same z).
-``rounding`` stores ZO updates into bf16/fp16 weights by stochastic rounding (default: unbiased,
-replayable) or to nearest (MeZO's, which loses updates under half a weight's spacing); float32
-weights take them exactly either way.
+The ZO step is a composition of four small objects, each checked when it is made:
+- ``estimator`` (``estimators.py``): where the closure is evaluated and how the projected
+  gradients come out of it: ``TwoSided`` (default), ``OneSided``, and ``FusedTwoSided`` /
+  ``FusedOneSided``, whose FO pass is one of the ZO evaluations (one forward less; needs an FO
+  part; the closure must then compute the same function with and without grad, checked);
+- ``directions`` (``directions.DirectionSampler``): z's distribution (Gaussian, Rademacher),
+  its dtype, the z-cache, batch rows of the input embedding, threads;
+- ``rule`` (``rules.py``): the update, ``ZOSGD(weight_decay=...)``;
+- ``storage`` (``storage.py``): how updates are stored into bf16/fp16 weights:
+  ``StochasticRounding()`` (default; unbiased, replayable) or ``NearestRounding()`` (MeZO's).
 
 ``param_groups[0]`` is the ZO group; the FO optimizer's groups follow, shared by reference,
 so any ``torch.optim.lr_scheduler`` schedules both (``LambdaLR`` with one lambda per group
@@ -53,13 +51,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridft.engine.directions import Directions, input_embedding_key, parallel_map
+from hybridft.engine.directions import DirectionSampler, Directions
+from hybridft.engine.estimators import Estimator, TwoSided
 from hybridft.engine.perturb import perturbed
-from hybridft.engine.zo import (DISTRIBUTIONS, HALF_PRECISION, ROUNDINGS, Z_DTYPES, Distribution, Rounding, ZDtype, ZOUpdate,
-                         parameter_key, projected_grad, step_seed, update_)
+from hybridft.engine.rng import parameter_key, rng_state, set_rng_state
+from hybridft.engine.rules import UpdateRule, ZOSGD
+from hybridft.engine.storage import HALF_PRECISION, StochasticRounding, StorageRule
+from hybridft.engine.zo import Rounding, ZOUpdate
 
 Closure = Callable[[], torch.Tensor]
-RngState = tuple[torch.Tensor, list[torch.Tensor]]
 
 
 def warn_low_precision(zo_params: Iterable[torch.Tensor], lr: float, rounding: Rounding) -> None:
@@ -83,7 +83,8 @@ class HybridOptimizer(torch.optim.Optimizer):
     """ZO on ``zo_params`` (canonical name -> parameter) + ``fo_optimizer`` on its own parameters.
 
     Either part may be empty: no ``zo_params`` gives plain first-order training, no
-    ``fo_optimizer`` gives MeZO; so every method runs through the same step.
+    ``fo_optimizer`` gives MeZO; so every method runs through the same step. ``lr`` is the ZO
+    group's learning rate (``param_groups[0]["lr"]``, which schedulers change).
     """
 
     def __init__(
@@ -93,45 +94,25 @@ class HybridOptimizer(torch.optim.Optimizer):
         fo_optimizer: torch.optim.Optimizer | None = None,
         *,
         lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        num_directions: int = 1,
-        one_sided: bool = False,
-        distribution: Distribution = "gaussian",
         seed: int = 0,
-        fused: bool = False,
-        z_cache: bool = False,
-        z_dtype: ZDtype = "float32",
-        embedding_rows: bool = False,
-        threads: int = 1,
-        rounding: Rounding = "stochastic",
+        estimator: Estimator = TwoSided(),
+        directions: DirectionSampler = DirectionSampler(),
+        rule: UpdateRule = ZOSGD(),
+        storage: StorageRule = StochasticRounding(),
     ) -> None:
-        if eps <= 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        if num_directions < 1:
-            raise ValueError(f"num_directions must be >= 1, got {num_directions}")
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown ZO distribution {distribution!r}; choose from {DISTRIBUTIONS}")
-        if z_dtype not in Z_DTYPES:
-            raise ValueError(f"unknown z dtype {z_dtype!r}; choose from {Z_DTYPES}")
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"unknown rounding {rounding!r}; choose from {ROUNDINGS}")
-        if fused and fo_optimizer is None:
+        if estimator.fused and fo_optimizer is None:
             raise ValueError("the fused estimator needs an FO part (its forward+backward is a ZO evaluation)")
         if any(p.requires_grad for p in zo_params.values()):
             raise ValueError("ZO parameters must have requires_grad=False: they never get a .grad")
-        warn_low_precision(zo_params.values(), lr, rounding)
-        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, num_directions=num_directions,
-                        one_sided=one_sided, distribution=distribution, fused=fused, z_cache=z_cache,
-                        z_dtype=z_dtype, embedding_rows=embedding_rows, rounding=rounding)
-        super().__init__([{"params": list(zo_params.values()), "name": "zo"}], defaults)
+        warn_low_precision(zo_params.values(), lr, storage.name)
+        super().__init__([{"params": list(zo_params.values()), "name": "zo"}], {"lr": lr})
         self.module = module
         self.fo_optimizer = fo_optimizer
         self.seed = seed
-        self.threads = threads
+        self.estimator, self.directions, self.rule, self.storage = estimator, directions, rule, storage
         self.num_steps = 0
         self.keys = {p: parameter_key(name) for name, p in zo_params.items()}
-        self.row_keys = frozenset([input_embedding_key(module, self.keys)]) if embedding_rows else frozenset()
+        self.row_keys = directions.row_keys(module, self.keys)
         self.cuda_devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
         self.last_update: ZOUpdate | None = None
         self.last_cache_bytes = 0
@@ -142,78 +123,46 @@ class HybridOptimizer(torch.optim.Optimizer):
                 group.setdefault("name", "fo")
                 self.param_groups.append(group)
 
+    def settings(self) -> dict[str, Any]:
+        """The ZO step's hyperparameters (lr aside), as flat values: kept in ``state_dict`` so that
+        a checkpoint is never loaded into an optimizer composed differently."""
+        e, d = self.estimator, self.directions
+        return {"eps": e.eps, "num_directions": e.num_directions, "one_sided": e.one_sided, "fused": e.fused,
+                "distribution": d.distribution, "z_dtype": d.z_dtype, "z_cache": d.cache,
+                "embedding_rows": d.embedding_rows, "weight_decay": self.rule.weight_decay,
+                "rounding": self.storage.name}
+
     @property
     def zo_group(self) -> dict[str, Any]:
         return self.param_groups[0]
-
-    def _rng(self) -> RngState:
-        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
-
-    def _set_rng(self, state: RngState) -> None:
-        torch.set_rng_state(state[0])
-        for device, cuda_state in zip(self.cuda_devices, state[1]):
-            torch.cuda.set_rng_state(cuda_state, device)
 
     def _evaluate(self, closure: Closure, directions: Directions | None = None, scale: float = 0.0,
                   *, grad: bool = False) -> torch.Tensor:
         """The closure at theta + scale z (theta without directions), from the step's RNG state;
         with ``grad``, its backward too (the FO pass)."""
-        self._set_rng(self._rng_start)
+        set_rng_state(self._rng_start, self.cuda_devices)
         context = nullcontext() if directions is None else perturbed(
             self.module, self.keys, scale=scale, directions=directions, for_backward=grad)
         with torch.set_grad_enabled(grad), context:
             loss = closure()
         self._modes.add(self.module.training)
         if grad or self._rng_end is None:
-            self._rng_end = self._rng()
+            self._rng_end = rng_state(self.cuda_devices)
         return loss.detach()
 
-    def _directions(self) -> list[Directions]:
-        group, rows = self.zo_group, {}
-        directions = [Directions(step_seed(self.seed, self.num_steps, i), distribution=group["distribution"],
-                                 dtype=group["z_dtype"], row_keys=self.row_keys, rows=rows, cache=group["z_cache"])
-                      for i in range(group["num_directions"])]
-        if group["z_cache"]:
-            for d in directions:
-                d.fill_cache(self.keys, self.threads)
-        return directions
-
-    def _zo_estimate(self, closure: Closure, directions: list[Directions]) -> tuple[list[float], torch.Tensor]:
-        """The projected gradients g_i, and the step's loss.
-
-        Evaluation points: L(theta) (one-sided, under no_grad too, so that all ZO losses see the
-        same mode), then L(theta +- eps z_i). Fused, one of them is the FO pass (with grad):
-        L(theta + eps z_1) two-sided, L(theta) one-sided. It runs last, because every closure
-        call zeroes the gradients before its forward."""
-        group = self.zo_group
-        eps, one_sided, fused = group["eps"], group["one_sided"], group["fused"]
-        points: dict[object, tuple[Directions | None, float]] = {"theta": (None, 0.0)} if one_sided else {}
-        for i, d in enumerate(directions):
-            points[i, 1] = (d, eps)
-            if not one_sided:
-                points[i, -1] = (d, -eps)
-        fo_point = ("theta" if one_sided else (0, 1)) if fused else None
-        losses = {name: float(self._evaluate(closure, *at)) for name, at in points.items() if name != fo_point}
-        if fo_point is not None:
-            losses[fo_point] = float(self._evaluate(closure, *points[fo_point], grad=True))
-        pairs = [(losses[i, 1], losses["theta" if one_sided else (i, -1)]) for i in range(len(directions))]
-        grads = [projected_grad(plus, minus, eps, one_sided=one_sided) for plus, minus in pairs]
-        if fused:  # the loss at theta: the FO pass's (one-sided), or up to O(eps^2) the mean of L(theta +- eps z_1)
-            return grads, torch.tensor(losses["theta"] if one_sided else sum(pairs[0]) / 2)
-        return grads, torch.tensor(sum(sum(pair) for pair in pairs) / (2 * len(pairs)))
-
     def _update_(self, grads: list[float], directions: list[Directions]) -> ZOUpdate:
-        group = self.zo_group
-        update = ZOUpdate(step=self.num_steps, seeds=tuple(d.seed for d in directions), projected_grads=tuple(grads),
-                          lr=group["lr"], weight_decay=group["weight_decay"], distribution=group["distribution"],
-                          z_dtype=group["z_dtype"], rows=directions[0].logged_rows(), rounding=group["rounding"])
+        update = self.rule.log(step=self.num_steps, seeds=tuple(d.seed for d in directions),
+                               projected_grads=tuple(grads), lr=self.zo_group["lr"],
+                               distribution=self.directions.distribution, z_dtype=self.directions.z_dtype,
+                               rows=directions[0].logged_rows(), rounding=self.storage.name)
+        cached = self.directions.cache
 
         def one(item: tuple[nn.Parameter, int]) -> None:
             p, key = item
-            cached = group["z_cache"]
-            update_(p, key=key, update=update, z_of=(lambda i: directions[i].z(p, key)) if cached else None)
+            self.rule.apply_(p, key=key, update=update, storage=self.storage,
+                             z_of=(lambda i: directions[i].z(p, key)) if cached else None)
 
-        parallel_map(one, self.keys.items(), self.threads)
+        self.directions.map(one, self.keys.items())
         return update
 
     def step(self, closure: Closure | None = None, *,  # type: ignore[override]
@@ -227,16 +176,19 @@ class HybridOptimizer(torch.optim.Optimizer):
         it may average the FO gradients in the same collective."""
         if closure is None:
             raise ValueError("HybridOptimizer.step needs a closure that recomputes the loss")
-        self._rng_start, self._rng_end, self._modes = self._rng(), None, set()
+        self._rng_start, self._rng_end, self._modes = rng_state(self.cuda_devices), None, set()
         loss: torch.Tensor | None = None
         grads, directions = None, []
         if self.keys:
-            directions = self._directions()
-            grads, loss = self._zo_estimate(closure, directions)
+            directions = self.directions.step(self.seed, self.num_steps, self.estimator.num_directions, self.keys,
+                                              self.row_keys)
+            grads, zo_loss = self.estimator.estimate(
+                lambda d, scale, grad=False: float(self._evaluate(closure, d, scale, grad=grad)), directions)
+            loss = torch.tensor(zo_loss)
             if len(self._modes) > 1:
                 raise ValueError("the closure ran the ZO evaluations of one step in different train/eval modes; "
                                  "the fused estimator needs one mode for its FO pass and its no-grad forwards")
-        if self.fo_optimizer is not None and not (self.keys and self.zo_group["fused"]):
+        if self.fo_optimizer is not None and not (self.keys and self.estimator.fused):
             # After the ZO evaluations, so that no closure call can zero these gradients.
             loss = self._evaluate(closure, grad=True)
         assert loss is not None
@@ -251,7 +203,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         if self.fo_optimizer is not None and not self.skipped:
             self.fo_optimizer.step()
         if self._rng_end is not None:
-            self._set_rng(self._rng_end)
+            set_rng_state(self._rng_end, self.cuda_devices)
         self.num_steps += 1
         return loss
 
@@ -278,26 +230,31 @@ class HybridOptimizer(torch.optim.Optimizer):
             self.fo_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: step count, seed, ZO hyperparameters
-        (including the scheduled lr), and the FO optimizer's own state."""
+        """Everything needed to continue exactly: step count, seed, the ZO group (its scheduled lr)
+        with the step's settings, and the FO optimizer's own state."""
         zo = {k: v for k, v in self.zo_group.items() if k != "params"}
         return {
             "num_steps": self.num_steps,
             "seed": self.seed,
             "skipped_steps": self.skipped_steps,
-            "zo_group": zo,
+            "zo_group": {**zo, **self.settings()},
             "fo": self.fo_optimizer.state_dict() if self.fo_optimizer is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict``; one composed with other ZO settings is refused in one line.
+        (Those written before the step was composed of objects hold the same flat settings.)"""
         if (state_dict["fo"] is None) != (self.fo_optimizer is None):
             raise ValueError("state_dict and optimizer disagree on whether there is an FO part")
-        if bool(state_dict["zo_group"].get("embedding_rows", False)) != bool(self.row_keys):
-            raise ValueError("state_dict and optimizer disagree on embedding_rows (set it when building the optimizer)")
+        saved, settings = state_dict["zo_group"], self.settings()
+        differ = [f"{k} {saved[k]!r} there, {v!r} here" for k, v in settings.items()
+                  if k in saved and saved[k] != v and not (k == "embedding_rows" and bool(saved[k]) == v)]
+        if differ:
+            raise ValueError(f"state_dict and optimizer disagree on the ZO step: {'; '.join(differ)}")
         self.num_steps = int(state_dict["num_steps"])
         self.seed = int(state_dict["seed"])
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.zo_group.update(state_dict["zo_group"])
+        self.zo_group.update({k: v for k, v in saved.items() if k not in settings})
         if self.fo_optimizer is not None:
             self.fo_optimizer.load_state_dict(state_dict["fo"])
             # load_state_dict replaces the FO groups' dicts; share the new ones again.

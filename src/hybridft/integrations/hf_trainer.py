@@ -36,8 +36,7 @@ forward); one all-reduce of a scalar per evaluation when there are several proce
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +46,16 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from hybridft.engine.methods import METHODS
-from hybridft.run.export import is_peft, load_base_, save_base
-from hybridft.engine.methods import assign
+from hybridft.engine.directions import DirectionSampler
+from hybridft.engine.estimators import estimator
+from hybridft.engine.methods import METHODS, assign
+from hybridft.engine.modes import evaluating
 from hybridft.engine.optim import HybridOptimizer
+from hybridft.engine.rules import ZOSGD
 from hybridft.engine.sampler import EpochSampler
-from hybridft.engine.zo import DISTRIBUTIONS
+from hybridft.engine.storage import storage_rule
+from hybridft.engine.zo import HyperparameterError
+from hybridft.run.export import is_peft, load_base_, save_base
 
 logger = logging.get_logger(__name__)
 
@@ -79,13 +82,21 @@ class HybridTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        for name in ("zo_learning_rate", "zo_eps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.zo_num_directions < 1:
-            raise ValueError(f"zo_num_directions must be at least 1, got {self.zo_num_directions}")
-        if self.zo_distribution not in DISTRIBUTIONS:
-            raise ValueError(f"zo_distribution must be one of {', '.join(DISTRIBUTIONS)}; got {self.zo_distribution!r}")
+        if self.zo_learning_rate <= 0:
+            raise ValueError(f"zo_learning_rate must be positive, got {self.zo_learning_rate}")
+        self.zo_step()  # each object checks its own values
+
+    def zo_step(self) -> dict[str, Any]:
+        """The objects the ZO step is composed of (``HybridOptimizer``'s estimator, directions,
+        rule, storage), made from the ``zo_*`` fields; a bad value is a one-line error naming its field."""
+        try:
+            return {"estimator": estimator(eps=self.zo_eps, num_directions=self.zo_num_directions,
+                                           one_sided=self.zo_one_sided),
+                    "directions": DirectionSampler(distribution=self.zo_distribution),  # type: ignore[arg-type]
+                    "rule": ZOSGD(weight_decay=self.zo_weight_decay),
+                    "storage": storage_rule(self.zo_rounding)}
+        except HyperparameterError as error:
+            raise ValueError(f"zo_{error.name} {error.problem}") from None
 
 
 @dataclass(frozen=True)
@@ -107,18 +118,6 @@ def lr_multiplier(name: str, *, warmup_steps: int, total_steps: int, kwargs: dic
     if not isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
         raise ValueError(f"HybridTrainer needs a per-step lr schedule (linear, cosine, constant, ...); got {name!r}")
     return schedule.lr_lambdas[0]
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block (no dropout: the same function at +eps z and -eps z), the
-    previous mode after it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class HybridTrainer(Trainer):
@@ -152,11 +151,8 @@ class HybridTrainer(Trainer):
             self.groups = assign(self.args.method, self.model)  # again: model_init may have made a new model
             fo = super().create_optimizer(model) if self.groups.fo else None  # the Trainer's choice, on requires_grad
             a = self.args
-            self.optimizer = HybridOptimizer(
-                self.model, self.groups.zo, fo, lr=a.zo_learning_rate, eps=a.zo_eps, weight_decay=a.zo_weight_decay,
-                num_directions=a.zo_num_directions, one_sided=a.zo_one_sided,
-                distribution=a.zo_distribution, seed=a.seed, rounding=a.zo_rounding,  # type: ignore[arg-type]
-            )
+            self.optimizer = HybridOptimizer(self.model, self.groups.zo, fo, lr=a.zo_learning_rate, seed=a.seed,
+                                             **a.zo_step())
             self.optimizer.register_step_pre_hook(self._hand_closure)
         return self.optimizer
 

@@ -24,16 +24,47 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from hybridft.engine.rng import rng_state, set_rng_state
+
+from hybridft.engine.sampler import ReshufflingSampler
 from hybridft.run.config import TrainConfig
 
-if TYPE_CHECKING:
-    from hybridft.run.train import Run
+
+class Ranks(Protocol):
+    """This process's place among the data-parallel ranks (``hybridft.run.distributed.World``)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+class RunState(Protocol):
+    """What a checkpoint saves and restores of a run (``hybridft.run.train.Run`` is one): the
+    weights, the optimizer, scheduler and sampler states, and how many ranks run it."""
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
+    @property
+    def lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler: ...
+
+    @property
+    def sampler(self) -> ReshufflingSampler: ...
+
+    @property
+    def world(self) -> Ranks: ...
+
 
 DIRNAME = "checkpoints"
 _TENSOR = "__tensor__"
@@ -89,20 +120,6 @@ def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def rng_state() -> dict[str, Any]:
-    """The global RNG states training draws from (dropout in the FO pass)."""
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def step_dir(out: Path, step: int) -> Path:
     return Path(out) / DIRNAME / f"step-{step:08d}"
 
@@ -115,7 +132,7 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def save(run: Run, out: Path, step: int, *, logs: dict[str, int], extra: dict[str, Any], keep: int,
+def save(run: RunState, out: Path, step: int, *, logs: dict[str, int], extra: dict[str, Any], keep: int,
          rng: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint of ``run`` after ``step`` steps; keep the newest ``keep``.
 
@@ -157,7 +174,7 @@ def save(run: Run, out: Path, step: int, *, logs: dict[str, int], extra: dict[st
     return final
 
 
-def load(run: Run, path: Path) -> dict[str, Any]:
+def load(run: RunState, path: Path) -> dict[str, Any]:
     """Restore ``run`` (built from the same config) to checkpoint ``path``; returns its state
     (``step``, ``logs``, ``extra``). A damaged checkpoint is a one-line ValueError naming it."""
     try:
@@ -213,7 +230,7 @@ class Logs:
             f.close()
 
 
-def resume(run: Run, out: Path, logs: tuple[str, ...], *, write: bool = True) -> dict[str, Any]:
+def resume(run: RunState, out: Path, logs: tuple[str, ...], *, write: bool = True) -> dict[str, Any]:
     """Load the latest checkpoint of ``out`` into ``run`` (none: ``run`` stays at step 0) and cut
     ``logs`` back to their sizes then. Returns the checkpoint's state (``step``, ``extra``, ...).
     ``write=False`` (data-parallel ranks other than 0) only loads."""

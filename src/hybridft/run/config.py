@@ -4,14 +4,26 @@ flags, and which a YAML file may set. It is read at the edges (CLI, builders) on
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hybridft.engine.methods import METHODS
+from hybridft.engine.directions import DirectionSampler
+from hybridft.engine.estimators import estimator
+from hybridft.engine.methods import METHODS, fo_optimizer
+from hybridft.engine.rules import ZOSGD
 from hybridft.engine.schedules import SCHEDULES
+from hybridft.engine.storage import storage_rule
+from hybridft.engine.zo import DISTRIBUTIONS, ROUNDINGS, Z_DTYPES, HyperparameterError
+
+# The flag that sets each hyperparameter of the ZO step's objects (for their one-line errors).
+ZO_FLAGS = {"eps": "--eps", "num_directions": "--num-directions", "distribution": "--distribution",
+            "z_dtype": "--z-dtype", "threads": "--zo-threads", "weight_decay": "--zo-weight-decay",
+            "rounding": "--zo-rounding"}
 
 MODEL_KINDS = ("auto", "encoder", "causal")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
@@ -56,11 +68,11 @@ class TrainConfig:
     warmup_steps: int = _f(0, "linear warmup steps for both groups")
     num_directions: int = _f(1, "ZO directions averaged per step (q)")
     one_sided: bool = _f(False, "one-sided ZO estimate (L(theta+eps z) - L(theta)) / eps")
-    distribution: str = _f("gaussian", "distribution of the ZO direction z", choices=("gaussian", "rademacher"))
+    distribution: str = _f("gaussian", "distribution of the ZO direction z", choices=DISTRIBUTIONS)
     fused: bool = _f(False, "fused estimator: the FO forward+backward is a ZO evaluation (at theta+eps z; at theta with --one-sided), one forward less per step (docs/step_cost.md)")
     z_cache: bool = _f(False, "generate z once per step and keep it for the step (memory: one copy of the ZO weights)")
-    zo_rounding: str = _f("stochastic", "how ZO updates are stored into bfloat16/float16 weights (float32 takes them exactly): stochastic (unbiased; replays exactly) or nearest (MeZO's: an update under half a weight's spacing is lost)", choices=("stochastic", "nearest"))
-    z_dtype: str = _f("float32", "draw z in float32 (then cast) or in the weights' own dtype", choices=("float32", "param"))
+    zo_rounding: str = _f("stochastic", "how ZO updates are stored into bfloat16/float16 weights (float32 takes them exactly): stochastic (unbiased; replays exactly) or nearest (MeZO's: an update under half a weight's spacing is lost)", choices=ROUNDINGS)
+    z_dtype: str = _f("float32", "draw z in float32 (then cast) or in the weights' own dtype", choices=Z_DTYPES)
     embedding_rows: bool = _f(False, "perturb and update only the input-embedding rows of the batch's tokens (untied embeddings; docs/step_cost.md)")
     zo_threads: int = _f(1, "threads generating z in parallel across parameters (update and z-cache passes; same z)")
     sampler: str = _f("reshuffle", "mini-batch sampling", choices=("reshuffle", "replacement"))
@@ -87,13 +99,32 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def zo_step(self) -> dict[str, Any]:
+        """The objects the ZO step is composed of (``HybridOptimizer``'s estimator, directions,
+        rule, storage); each checks its own values when made (a one-line error naming the flag)."""
+        try:
+            return {"estimator": estimator(eps=self.eps, num_directions=self.num_directions,
+                                           one_sided=self.one_sided, fused=self.fused),
+                    "directions": DirectionSampler(distribution=self.distribution, z_dtype=self.z_dtype,  # type: ignore[arg-type]
+                                                   cache=self.z_cache, embedding_rows=self.embedding_rows,
+                                                   threads=self.zo_threads),
+                    "rule": ZOSGD(weight_decay=self.zo_weight_decay),
+                    "storage": storage_rule(self.zo_rounding)}
+        except HyperparameterError as error:
+            raise ValueError(f"{ZO_FLAGS.get(error.name, error.name)} {error.problem}") from None
+
+    def fo_step(self) -> Callable[[list[Any]], Any]:
+        """The FO optimizer this config names, as params -> optimizer."""
+        return functools.partial(fo_optimizer, self.fo_optimizer, lr=self.fo_lr, momentum=self.fo_momentum,
+                                 weight_decay=self.fo_weight_decay)
+
     def validate(self) -> None:
         """Raise ValueError with a one-line message on a value no run can use."""
         check_types(self)
-        for name in ("zo_lr", "fo_lr", "eps"):
+        for name in ("zo_lr", "fo_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("steps", "batch_size", "lora_r", "num_directions", "eval_batch_size",
+        for name in ("steps", "batch_size", "lora_r", "eval_batch_size",
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -101,8 +132,6 @@ class TrainConfig:
             raise ValueError(f"--lr takes only auto (with --smoothness FILE optional); got lr={self.lr!r}")
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be 0 or positive, got {self.eval_every}")
-        if self.zo_threads < 1:
-            raise ValueError(f"--zo-threads must be at least 1, got {self.zo_threads}")
         if self.fused and self.method != "hybrid":
             raise ValueError(f"--fused needs a method with both a ZO and an FO part (hybrid), not {self.method}")
         if (self.z_cache or self.embedding_rows) and self.method in ("fo-lora", "fo-full"):
@@ -118,6 +147,7 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        self.zo_step()
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -136,6 +166,11 @@ def check_types(config: TrainConfig) -> None:
             raise ValueError(f"{f.name} must be {annotation.replace('| None', 'or null').strip()}, got {value!r}")
 
 
+def underscored(mapping: dict[Any, Any]) -> dict[str, Any]:
+    """``mapping`` with its keys as field names: a YAML file may write ``zo-lr`` or ``zo_lr``."""
+    return {str(k).replace("-", "_"): v for k, v in mapping.items()}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping of config fields (dashes or underscores); unknown keys are an error."""
     with open(path, encoding="utf-8") as f:
@@ -148,7 +183,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config fields")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    values = underscored(data)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{path}: unknown config field(s) {', '.join(unknown)}")

@@ -136,7 +136,7 @@ class DataParallel:
         """The global RNG states of every rank, ``{"ranks": [rank 0's, rank 1's, ...]}``, for a
         checkpoint: dropout draws a different number of values on each rank (slices differ in
         padding), so their states differ and exact resume needs each one. Collective."""
-        from hybridft.run.checkpoint import rng_state
+        from hybridft.engine.rng import rng_state
 
         states: list[Any] = [None] * self.world.size
         dist.all_gather_object(states, rng_state())

@@ -20,8 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hybridft.data import evaluate
-from hybridft.run import checkpoint, distributed, export, replay
-from hybridft.study import plots
+from hybridft.run import checkpoint, distributed, export, zo_log
 from hybridft.run.config import TrainConfig
 from hybridft.data.formulations import Formulation, formulation, head_loss
 from hybridft.engine.methods import USES_ADAPTER, Groups, assign, build_optimizer, lora_config, wrap
@@ -32,7 +31,7 @@ from hybridft.engine.schedules import scheduler
 from hybridft.data.tasks import Example, Task, load_task, subsample
 
 
-LOGS = ("metrics.jsonl", replay.LOG)  # appended every step; cut back to the checkpoint on resume
+LOGS = ("metrics.jsonl", zo_log.LOG)  # appended every step; cut back to the checkpoint on resume
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,9 +152,19 @@ def splits(config: TrainConfig, task: Task) -> tuple[list[Example], list[Example
             subsample(task.test, config.test_size, config.seed))
 
 
-def build(config: TrainConfig) -> Run:
-    """Data, model, parameter groups, optimizer and schedules of ``config``; nothing is written."""
+# ``--lr auto``: (config, model, groups, tokenizer, formulation, train set, device, steps) -> the config
+# with concrete learning rates and eps, and a line to print. The theory layer's
+# ``hybridft.theory.auto.resolve_lr`` is one; whoever builds the run passes it (the CLI does).
+ResolveLr = Callable[[TrainConfig, torch.nn.Module, Groups, Any, Formulation, list[Example], torch.device, int],
+                     tuple[TrainConfig, str]]
+
+
+def build(config: TrainConfig, *, resolve_lr: ResolveLr | None = None) -> Run:
+    """Data, model, parameter groups, optimizer and schedules of ``config``; nothing is written.
+    ``resolve_lr`` sets the step sizes of a config with ``lr="auto"`` (required for one)."""
     config.validate()
+    if config.lr == "auto" and resolve_lr is None:
+        raise ValueError("--lr auto needs a step-size resolver: pass resolve_lr=hybridft.theory.auto.resolve_lr")
     if config.threads:
         torch.set_num_threads(config.threads)
     world, device = distributed.init(pick_device(config.device))
@@ -171,21 +180,12 @@ def build(config: TrainConfig) -> Run:
     model.to(device)
 
     steps = total_steps(config, len(train_set), world.size)
-    if config.lr == "auto":  # zo-lr, fo-lr and eps from the measured smoothness (docs/theory.md)
-        from hybridft.theory.auto import resolve
-
-        resolved = resolve(config, model, groups, tokenizer, posed, train_set, device, steps)
-        config = resolved.config
+    if config.lr == "auto" and resolve_lr is not None:  # zo-lr, fo-lr and eps from the smoothness (docs/theory.md)
+        config, message = resolve_lr(config, model, groups, tokenizer, posed, train_set, device, steps)
         if world.rank == 0:
-            print(resolved.message)
-    optimizer = build_optimizer(
-        model, groups, zo_lr=config.zo_lr, fo_lr=config.fo_lr, eps=config.eps, seed=config.seed,
-        fo_optimizer=config.fo_optimizer, fo_momentum=config.fo_momentum,
-        zo_weight_decay=config.zo_weight_decay, fo_weight_decay=config.fo_weight_decay,
-        num_directions=config.num_directions, one_sided=config.one_sided, distribution=config.distribution,
-        fused=config.fused, z_cache=config.z_cache, z_dtype=config.z_dtype, embedding_rows=config.embedding_rows,
-        threads=config.zo_threads, rounding=config.zo_rounding,
-    )
+            print(message)
+    optimizer = build_optimizer(model, groups, zo_lr=config.zo_lr, seed=config.seed, fo=config.fo_step(),
+                                **config.zo_step())
     schedule_names = [config.zo_schedule] + [config.fo_schedule] * (len(optimizer.param_groups) - 1)
     lr_scheduler = scheduler(optimizer, schedule_names, total_steps=steps, warmup_steps=config.warmup_steps)
     return Run(config=config, train_set=train_set, dev_set=dev_set, sampler=sampler, model=model,
@@ -245,12 +245,14 @@ def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
     }
 
 
-def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False) -> Result:
+def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False,
+          resolve_lr: ResolveLr | None = None) -> Result:
     """Fine-tune ``config.model`` on ``config.task`` with ``config.method``; write the run to disk.
-    ``resume``: continue the run in ``config.output_dir`` from its latest checkpoint, exactly."""
+    ``resume``: continue the run in ``config.output_dir`` from its latest checkpoint, exactly.
+    ``resolve_lr``: see :func:`build` (needed for ``lr="auto"``)."""
     config.validate()
     out = prepare_output_dir(config, overwrite, resume)
-    run = build(config)
+    run = build(config, resolve_lr=resolve_lr)
     main = run.world.main  # only rank 0 prints and writes
     say = print if main else lambda *_: None
     done, extra = restore(run, out) if resume else start(run, out) if main else (0, {})
@@ -273,7 +275,7 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False)
             if logs:
                 logs.append(LOGS[0], json.dumps({**record, "seconds": extra["seconds"]}))
                 if run.optimizer.last_update is not None:
-                    logs.append(LOGS[1], replay.to_json(run.optimizer.last_update))
+                    logs.append(LOGS[1], zo_log.to_json(run.optimizer.last_update))
             bad = guard(run, out, step, bad + 1 if record["skipped"] else 0)
             if step + 1 == run.steps or (not bad and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
                 rng = run.data_parallel.rng_states() if run.data_parallel else None  # collective: every rank
@@ -283,10 +285,15 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False)
                             fo_lr=f"{record['fo_lr'] or 0:.1e}", refresh=False)
             bar.update()
     bar.close()
+    return finish(run, out, extra)
 
-    after, loss = run.dev_accuracy(), extra.get("loss", float("nan"))
+
+def finish(run: Run, out: Path, extra: dict[str, Any]) -> Result:
+    """The end of a run: final dev (and test) accuracy; rank 0 saves the model, then ``eval.json``."""
+    before, after, loss = extra["dev_accuracy_before"], run.dev_accuracy(), extra.get("loss", float("nan"))
     if run.data_parallel:
         run.data_parallel.check_identical(run.model)
+    say = print if run.world.main else lambda *_: None
     say(f"dev accuracy after {run.steps} steps: {after:.4f}")
     test = run.test_accuracy()
     if test is not None:
@@ -295,12 +302,10 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False)
               "test_accuracy_after": test, "test_size": len(run.test_set), "steps": run.steps, "final_loss": loss,
               "train_seconds": extra.get("seconds", 0.0), "skipped_steps": run.optimizer.skipped_steps,
               "peak_memory_mib": peak_memory_mib(run.device), "ranks": run.world.size}
-    if main:
-        export.save(run.model, run.tokenizer, out, merged=config.save_merged)
+    if run.world.main:
+        export.save(run.model, run.tokenizer, out, merged=run.config.save_merged)
         checkpoint.write_atomically(out / "eval.json", json.dumps(result, indent=2))  # last: marks the run complete
         print(f"saved to {out}")
-        if config.plot:
-            print(f"plot: {plots.plot_run(out)}")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
                   model=run.model, tokenizer=run.tokenizer, test_accuracy_after=test)
 
@@ -360,7 +365,6 @@ def describe(run: Run) -> dict[str, Any]:
             "steps": run.steps, "max_length": run.formulation.max_length,
             "train_examples": len(run.train_set), "dev_examples": len(run.dev_set),
             "test_examples": len(run.test_set), "formulation": type(run.formulation).__name__,
-            "max_length": run.formulation.max_length,
             "zo_parameters": sum(p.numel() for p in groups.zo.values()),
             "fo_parameters": sum(p.numel() for p in groups.fo.values()),
             "frozen_parameters": sum(p.numel() for p in groups.frozen.values()),

@@ -3,12 +3,15 @@ task, and a bar chart of final accuracy). ``hybridft plot RUN_DIR`` redraws eith
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hybridft.study.grid import BenchConfig, group_runs, saved_bench, slug
+from hybridft.study.metrics import curve, mean_curve, read_jsonl
+from hybridft.study.report import write_report
 
 
 def _pyplot() -> Any:
@@ -31,8 +34,6 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 def plot_run(run_dir: str | Path) -> Path:
     """``RUN_DIR/loss.png``: training loss (raw and smoothed) and dev accuracy against steps."""
-    from hybridft.study.report import curve, mean_curve, read_jsonl
-
     run_dir = Path(run_dir)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     if not metrics:
@@ -58,8 +59,6 @@ def plot_run(run_dir: str | Path) -> Path:
 
 def _mean_curves(dirs: list[Path]) -> dict[str, np.ndarray]:
     """Seed-averaged curves of runs with the same config: loss and dev accuracy vs step and seconds."""
-    from hybridft.study.report import curve, mean_curve, read_jsonl
-
     metrics = [read_jsonl(d / "metrics.jsonl") for d in dirs]
     length = min(len(m) for m in metrics)
     loss = np.mean([[r["loss"] for r in m[:length]] for m in metrics], axis=0)
@@ -101,8 +100,6 @@ def plot_group(title: str, runs: dict[str, list[Path]], path: Path) -> None:
 
 def group_label(rows: list[dict[str, Any]], model: str, task: str) -> str:
     """A bar group's tick label; a task measured on another split than test (no test set) says so."""
-    from hybridft.study.bench import slug
-
     splits = sorted({r["split"] for r in rows if (r["model"], r["task"]) == (model, task)})
     return f"{slug(model)}\n{task}" + ("" if splits == ["test"] else f" ({'/'.join(splits)})")
 
@@ -130,11 +127,9 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_bench(bench: Any, root: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """``root/plots/``: one curve figure per model x task and ``accuracy.png``; the files written."""
-    from hybridft.study.bench import slug
-    from hybridft.study.report import group_runs
-
+def plot_bench(bench: BenchConfig, root: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """``root/plots/``: one curve figure per model x task and ``accuracy.png`` (of ``rows``, the
+    report's); the files written."""
     out = root / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -153,15 +148,12 @@ def plot_bench(bench: Any, root: Path, rows: list[dict[str, Any]]) -> list[Path]
 
 
 def plot(run_dir: str | Path) -> list[Path]:
-    """Redraw the plots of a bench directory (``bench.json``) or of one training run."""
-    from hybridft.study.bench import BenchConfig
-    from hybridft.study.report import write_report
-
+    """Redraw the plots of a bench directory (``bench.json``; its report is rewritten first) or of
+    one training run."""
     root = Path(run_dir)
     if (root / "bench.json").exists():
-        saved = json.loads((root / "bench.json").read_text())
-        bench = BenchConfig(**{**saved, "output_dir": str(root), **{k: tuple(saved[k]) for k in ("models", "tasks", "methods", "seeds")}})
-        write_report(bench, root)
+        bench = saved_bench(root)
+        plot_bench(bench, root, write_report(bench, root))
         return sorted((root / "plots").glob("*.png"))
     if (root / "metrics.jsonl").exists():
         return [plot_run(root)]

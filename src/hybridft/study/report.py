@@ -1,4 +1,4 @@
-"""A bench directory's summary: ``results.json``, ``results.md`` and the plots, from the cells' files.
+"""A bench directory's summary: ``results.json`` and ``results.md``, from the cells' files.
 
 Per (model, task, method), over the seeds run at the learning rates chosen on dev: final
 accuracy (test split when the task has one, else dev) mean +- std; steps-to-target (the first
@@ -14,22 +14,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from hybridft.run import replay
-from hybridft.study.bench import BenchConfig, Cell, best_point, cell_result, grid_scores, slug
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def curve(run_dir: Path) -> list[tuple[int, float, float]]:
-    """(step, training seconds, dev accuracy) at every evaluation of a run, before and after included."""
-    evaluation = json.loads((run_dir / "eval.json").read_text())
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    points = [(0, 0.0, evaluation["dev_accuracy_before"])]
-    points += [(r["step"], r["seconds"], r["dev_accuracy"]) for r in metrics if "dev_accuracy" in r]
-    points.append((evaluation["steps"], metrics[-1]["seconds"] if metrics else 0.0, evaluation["dev_accuracy_after"]))
-    return points
+from hybridft.run import zo_log
+from hybridft.study.grid import BenchConfig, grid_scores, group_runs, slug
+from hybridft.study.metrics import curve, mean_curve
 
 
 def steps_to(points: list[tuple[int, float, float]], target: float | None, start: float | None = None) -> int | None:
@@ -40,31 +27,16 @@ def steps_to(points: list[tuple[int, float, float]], target: float | None, start
     return next((step for step, _, accuracy in points if accuracy >= target), None)
 
 
-def mean_curve(curves: list[list[tuple[int, float, float]]]) -> list[tuple[int, float, float]]:
-    """(step, seconds, dev accuracy) of the seeds' ``curve``s averaged, at the evaluations they share."""
-    return [(points[0][0], statistics.fmean(p[1] for p in points), statistics.fmean(p[2] for p in points))
-            for points in zip(*curves)]
-
-
 def zo_move(run_dir: Path) -> float | None:
-    """RMS change of a run's ZO-trained weights (``replay.rms_move`` of its log); None without
+    """RMS change of a run's ZO-trained weights (``zo_log.rms_move`` of its log); None without
     ZO updates or for batch-row directions."""
-    log = run_dir / replay.LOG
-    updates = replay.read(log) if log.exists() else []
-    return replay.rms_move(updates) if updates else None
+    log = run_dir / zo_log.LOG
+    updates = zo_log.read(log) if log.exists() else []
+    return zo_log.rms_move(updates) if updates else None
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def group_runs(bench: BenchConfig, root: Path, model: str, task: str, method: str) -> list[Path]:
-    """The finished run directories of the seeds at the chosen learning rates."""
-    best = best_point(bench, root, model, task, method)
-    if best is None:
-        return []
-    found = [Cell(model, task, method, seed, best) for seed in bench.seeds]
-    return [root / "cells" / c.name for c in found if cell_result(bench, c, root) is not None]
 
 
 def summarize(bench: BenchConfig, root: Path) -> list[dict[str, Any]]:
@@ -173,13 +145,10 @@ def grid_edge(row: dict[str, Any]) -> str:
     return ", ".join(edges)
 
 
-def write_report(bench: BenchConfig, root: Path, *, plots: bool = True) -> list[dict[str, Any]]:
-    """Rewrite results.json, results.md and (with ``plots``) the plots of ``root`` from what has finished."""
-    from hybridft.study.plots import plot_bench
-
+def write_report(bench: BenchConfig, root: Path) -> list[dict[str, Any]]:
+    """Rewrite results.json and results.md of ``root`` from what has finished; their rows (which
+    ``hybridft.study.plots.plot_bench`` draws)."""
     rows = summarize(bench, root)
     (root / "results.json").write_text(json.dumps(rows, indent=2))
     (root / "results.md").write_text(markdown(rows))
-    if plots:
-        plot_bench(bench, root, rows)
     return rows

@@ -100,3 +100,10 @@ def resolve(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer:
     message = f"--lr auto ({source}, for {steps} steps of batch {config.batch_size}): {told}" + "".join(f"; {n}" for n in notes)
     # concrete rates, lr unset: config.json records them and --resume reuses them without measuring
     return Resolved(config=config.replace(**changes, lr=None, smoothness=None), advice=advice, eps=eps, message=message)
+
+
+def resolve_lr(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer: Any, posed: Formulation,
+               examples: Sequence[Example], device: torch.device, steps: int) -> tuple[TrainConfig, str]:
+    """:func:`resolve` as the ``resolve_lr`` hook of ``hybridft.run.train.build``: (config, message)."""
+    resolved = resolve(config, model, groups, tokenizer, posed, examples, device, steps)
+    return resolved.config, resolved.message

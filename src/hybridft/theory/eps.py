@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from hybridft.engine.modes import evaluating
 from hybridft.engine.perturb import perturbed
 from hybridft.engine.zo import direction, parameter_key, projected_grad, step_seed
 
@@ -45,10 +46,8 @@ def eps_scan(
 ) -> list[dict[str, float]]:
     """One row per eps: the median relative error over ``directions`` seeded directions (eval mode)."""
     keys = {p: parameter_key(name) for name, p in zo_params.items()}
-    was_training = model.training
-    model.eval()
     errors: dict[float, list[float]] = {eps: [] for eps in eps_grid}
-    try:
+    with evaluating(model):
         for i in range(directions):
             s = step_seed(seed, 0, i)
             exact = exact_projection(zo_params, grads, seed=s)
@@ -58,8 +57,6 @@ def eps_scan(
                 with perturbed(model, keys, seed=s, scale=-eps):
                     minus = float(loss_fn())
                 errors[eps].append(abs(projected_grad(plus, minus, eps) - exact) / max(abs(exact), 1e-30))
-    finally:
-        model.train(was_training)
     return [{"eps": eps, "error": statistics.median(errors[eps])} for eps in eps_grid]
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hybridft.engine.modes import evaluating
+
 KINDS = ("gradient", "random", "power")
 Blocks = Mapping[str, Sequence[nn.Parameter]]
 Tensors = list[torch.Tensor]
@@ -44,18 +46,15 @@ def block_grads(model: nn.Module, blocks: Blocks, loss_fn: Callable[[], torch.Te
     requires_grad flags and the train/eval mode are restored; no ``.grad`` is written."""
     params = [p for ps in blocks.values() for p in ps]
     flags = [p.requires_grad for p in params]
-    was_training = model.training
-    model.eval()
     try:
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), evaluating(model):
             loss = loss_fn()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-        model.train(was_training)
     out: dict[str, Tensors] = {}
     i = 0
     for name, ps in blocks.items():

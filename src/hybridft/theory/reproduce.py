@@ -102,11 +102,12 @@ def minilm(out: Path) -> dict[str, Any]:
 
 def lr_auto() -> dict[str, Any]:
     from hybridft.run.train import train
+    from hybridft.theory.auto import resolve_lr
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(threads=1, progress=False, lr="auto", fo_optimizer="sgd", steps=60, dev_size=500,
                              output_dir=str(Path(tmp) / "run"))
-        result = train(config)
+        result = train(config, resolve_lr=resolve_lr)
         resolved = json.loads((result.output_dir / "config.json").read_text())
     return {"zo_lr": resolved["zo_lr"], "fo_lr": resolved["fo_lr"], "eps": resolved["eps"],
             "dev_accuracy_before": result.dev_accuracy_before, "dev_accuracy_after": result.dev_accuracy_after}

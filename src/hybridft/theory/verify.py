@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hybridft.engine.estimators import TwoSided
 from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.sampler import ReshufflingSampler
 from hybridft.theory.advice import Advice, advise, batch_variance
@@ -145,7 +146,7 @@ def run(make: Callable[[], Problem], method: str, *, epochs: int, batch_size: in
     zo, fo = blocks(problem, method)
     start = measure(problem, zo, fo, batch_size=batch_size, seed=seed)
     sgd = torch.optim.SGD(list(fo.values()), lr=0.0) if fo else None
-    optimizer = HybridOptimizer(problem, zo, sgd, lr=0.0, eps=start.eps or 1e-3, seed=seed)
+    optimizer = HybridOptimizer(problem, zo, sgd, lr=0.0, seed=seed, estimator=TwoSided(eps=start.eps or 1e-3))
     sampler = ReshufflingSampler(problem.n, batch_size, seed=seed, replacement=method == "hybrid-replacement")
     m, batches = len(sampler), iter(sampler)
     grad_sq = _block_grad_sq(problem, zo)
