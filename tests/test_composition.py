@@ -149,3 +149,38 @@ def test_a_new_rule_is_one_class_handed_to_the_optimizer_and_replays():
     for _ in range(5):
         calls(ref, reference)
     assert torch.equal(reference.w, model.w)  # the same estimate as the built-in fused one-sided
+
+
+def test_normalized_probes_divide_the_one_sided_estimates_by_the_spread_of_the_probe_losses():
+    """FZOO's g_i = [L(theta + eps z_i) - L(theta)] / sigma: checked against the losses the
+    closure returned, and the run replays bitwise from its log."""
+    from hybridft import NormalizedProbes
+
+    model = Model()
+    model.head.requires_grad_(False)
+    initial = model.w.detach().clone()
+    opt = HybridOptimizer(model, {"w": model.w}, lr=0.1, seed=0, estimator=NormalizedProbes(eps=1e-3, num_directions=4),
+                          directions=DirectionSampler("rademacher"))
+    losses: list[float] = []
+
+    def closure() -> torch.Tensor:
+        losses.append(float(model()))
+        return torch.tensor(losses[-1])
+
+    start, log = float(model()), []
+    for _ in range(40):
+        losses.clear()
+        opt.step(closure)
+        log.append(opt.last_update)
+        theta, plus = losses[0], torch.tensor(losses[1:], dtype=torch.float64)
+        expected = (plus - theta) / plus.std()
+        assert torch.allclose(torch.tensor(log[-1].projected_grads, dtype=torch.float64), expected)
+    assert float(model()) < 0.5 * start
+    rebuilt = {"w": initial.clone()}
+    replay_(rebuilt.items(), log)
+    assert torch.equal(rebuilt["w"], model.w)
+    with pytest.raises(HyperparameterError, match="num_directions must be at least 2"):
+        NormalizedProbes(num_directions=1)
+    other = HybridOptimizer(Model(), {"w": Model().w}, estimator=OneSided(eps=1e-3, num_directions=4))
+    with pytest.raises(ValueError, match="estimator 'NormalizedProbes' there, 'OneSided' here"):
+        other.load_state_dict(opt.state_dict())

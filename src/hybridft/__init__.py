@@ -1,7 +1,7 @@
 """hybridft: hybrid fine-tuning, zeroth-order on the base weights and first-order on a peft adapter."""
 
 from hybridft.engine.directions import DirectionSampler, Directions
-from hybridft.engine.estimators import FusedOneSided, FusedTwoSided, OneSided, TwoSided
+from hybridft.engine.estimators import FusedOneSided, FusedTwoSided, NormalizedProbes, OneSided, TwoSided
 from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.rules import ZOSGD, replay_, update_
 from hybridft.engine.sampler import ReshufflingSampler
@@ -18,6 +18,7 @@ __all__ = [
     "FusedTwoSided",
     "HybridOptimizer",
     "NearestRounding",
+    "NormalizedProbes",
     "OneSided",
     "Partition",
     "ReshufflingSampler",

@@ -12,6 +12,7 @@ too: that evaluation is the step's first-order pass.
 | OneSided       | [L(theta+eps z_i) - L(theta)]/eps        | q+1 forwards (+ the FO pass)   |
 | FusedTwoSided  | as TwoSided; L(theta+eps z_1) is the FO pass | 2q-1 forwards + 1 fwd+bwd  |
 | FusedOneSided  | as OneSided; L(theta) is the FO pass     | q forwards + 1 fwd+bwd         |
+| NormalizedProbes | [L(theta+eps z_i) - L(theta)]/sigma, sigma = std_i L(theta+eps z_i) | q+1 forwards (+ the FO pass) |
 
 Two-sided errors are O(eps^2), one-sided O(eps). The fused estimators need an FO part; the
 two-sided one then takes the adapter gradient at theta + eps z_1, an O(eps) bias
@@ -109,7 +110,42 @@ class FusedOneSided(OneSided):
         return [projected_grad(p, at_theta, self.eps, one_sided=True) for p in plus], at_theta
 
 
-Estimator = TwoSided | OneSided | FusedTwoSided | FusedOneSided
+@dataclass(frozen=True)
+class NormalizedProbes:
+    """FZOO's estimate (Dang et al. 2025, arXiv 2506.09034): q = ``num_directions`` >= 2 one-sided
+    probes, normalised by the standard deviation sigma of the q probe losses L(theta + eps z_i):
+
+        g_i = [L(theta + eps z_i) - L(theta)] / sigma
+
+    With ZOSGD the step is theta <- theta - lr / q sum_i g_i z_i. sigma ~ eps |grad L|, so g_i ~
+    z_i . grad L / |grad L|: a normalised-SGD step whose size is set by lr alone, not by the
+    gradient's scale (FZOO writes the one-sided quotient with its 1/eps and divides the step by
+    sigma; that is this step with lr scaled by 1/eps). FZOO draws Rademacher
+    z (``DirectionSampler("rademacher")``). A step whose probe losses are all equal (sigma = 0)
+    has g = 0. Cost: q + 1 forwards (+ the FO pass), no extra memory."""
+
+    eps: float = 1e-3
+    num_directions: int = 8
+    fused: ClassVar[bool] = False
+    one_sided: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check(self.eps, self.num_directions)
+        if self.num_directions < 2:
+            raise HyperparameterError("num_directions", f"must be at least 2 for a standard deviation, got {self.num_directions}")
+
+    def estimate(self, evaluate: Evaluate, directions: Sequence[Directions]) -> tuple[list[float], float]:
+        """(g_1..g_q, L(theta))."""
+        at_theta = evaluate(None, 0.0)
+        plus = [evaluate(d, self.eps) for d in directions]
+        mean = sum(plus) / len(plus)
+        sigma = math.sqrt(sum((p - mean) ** 2 for p in plus) / (len(plus) - 1))
+        if sigma == 0.0 or not math.isfinite(sigma):
+            return [0.0 if sigma == 0.0 else sigma] * len(plus), at_theta
+        return [(p - at_theta) / sigma for p in plus], at_theta
+
+
+Estimator = TwoSided | OneSided | FusedTwoSided | FusedOneSided | NormalizedProbes
 
 
 def estimator(*, eps: float = 1e-3, num_directions: int = 1, one_sided: bool = False,

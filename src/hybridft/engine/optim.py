@@ -127,7 +127,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         """The ZO step's hyperparameters (lr aside), as flat values: kept in ``state_dict`` so that
         a checkpoint is never loaded into an optimizer composed differently."""
         e, d = self.estimator, self.directions
-        return {"eps": e.eps, "num_directions": e.num_directions, "one_sided": e.one_sided, "fused": e.fused,
+        return {"estimator": type(e).__name__, "eps": e.eps, "num_directions": e.num_directions, "one_sided": e.one_sided, "fused": e.fused,
                 "distribution": d.distribution, "z_dtype": d.z_dtype, "z_cache": d.cache,
                 "embedding_rows": d.embedding_rows, "weight_decay": self.rule.weight_decay,
                 "rounding": self.storage.name}
