@@ -261,19 +261,20 @@ def processes_running(needle: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the cell's process through /proc")
-def test_sigterm_to_the_bench_ends_the_running_cells_process_too(bench_file, tmp_path):
+def test_sigterm_to_the_bench_stops_the_running_cell_at_a_checkpoint_then_the_bench(bench_file, tmp_path):
     spec = yaml.safe_load(bench_file.read_text()) | {"output_dir": str(tmp_path / "out"), "isolate": True}
     spec["train"] = spec["train"] | {"steps": 10_000}
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(spec))
     bench = subprocess.Popen([sys.executable, "-m", "hybridft", "bench", "--config", str(tmp_path / "bench.yaml"),
-                              "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     needle = f"{tmp_path}/out/cells/"
-    deadline = time.monotonic() + 120
-    while not (cell := processes_running(needle)) and time.monotonic() < deadline and bench.poll() is None:
-        time.sleep(0.1)
-    assert cell, "no cell process started"
-    bench.send_signal(signal.SIGTERM)
     try:
+        deadline = time.monotonic() + 120
+        while not (logs := list((tmp_path / "out" / "cells").rglob("metrics.jsonl"))) and time.monotonic() < deadline \
+                and bench.poll() is None:
+            time.sleep(0.1)
+        assert logs and processes_running(needle), "no cell started training"
+        bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=60) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 10
         while processes_running(needle) and time.monotonic() < deadline:
@@ -282,3 +283,14 @@ def test_sigterm_to_the_bench_ends_the_running_cells_process_too(bench_file, tmp
     finally:
         for pid in processes_running(needle):
             os.kill(pid, signal.SIGKILL)
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    cell = logs[0].parent
+    steps = len(logs[0].read_text().splitlines())
+    assert (cell / "checkpoints" / f"step-{steps:08d}").is_dir()  # the cell stopped at a checkpoint of its last step
+    assert (cell / "log.txt").read_text().splitlines()[-1] == \
+        f"stopped at step {steps} by SIGTERM; resume with hybridft train --resume {cell}"
+    assert bench.stderr.read().strip().splitlines()[-1] == (f"bench stopped: cell {cell.relative_to(needle)} stopped by SIGTERM at its "
+                                                            "last checkpoint; run the same hybridft bench command to continue")
+    assert not (tmp_path / "out" / ".lock").exists() and not (cell / ".lock").exists()

@@ -98,6 +98,7 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_equal_to_uninterrupted(t
         args = ["train", "--resume", str(killed), "--threads", "1"] if i else \
                ["train", "--model", str(tiny_bert_dir), "--output-dir", str(killed), *FLAGS]
         logged = kill_after(args, killed, steps)
+        assert (killed / ".lock").exists()  # left by the killed run; its lock died with it, so --resume runs
         saved = checkpoint.checkpoints(killed)
         between_checkpoints += logged > (int(saved[-1].name.split("-")[1]) if saved else 0)
     assert between_checkpoints, "no kill left steps logged after the last checkpoint"
@@ -114,7 +115,7 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_equal_to_uninterrupted(t
     assert metrics_without_time(reference) == metrics_without_time(killed)
     assert [r["step"] for r in metrics_without_time(killed)] == list(range(1, STEPS + 1))
     assert len(checkpoint.checkpoints(killed)) == 2
-    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    assert not list((killed / "checkpoints").glob(".tmp-*")) and not (killed / ".lock").exists()
 
     # the ZO log + the saved adapter rebuild the trained model bit for bit
     run_to_end(["replay", str(reference)])

@@ -214,12 +214,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hybridft: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
+        from hybridft.run.disk import WriteFailed
         from hybridft.run.train import TrainingDiverged
 
-        if not isinstance(error, TrainingDiverged):
+        if not isinstance(error, (TrainingDiverged, WriteFailed)):
             raise
         print(f"hybridft: error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:
+        from hybridft.run.stop import Stopped
+
+        if not isinstance(error, Stopped):
+            raise
+        print(error, file=sys.stderr)  # "stopped at step N by SIGTERM; resume with ..."
+        return error.exit_code  # 128 + the signal, as a shell reports it
     return 0
 
 

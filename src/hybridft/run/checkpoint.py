@@ -9,8 +9,9 @@ A checkpoint is a directory ``checkpoints/step-NNNNNNNN/`` holding
 
 It is written under a temporary name, every file and the directory are fsync'ed, and only
 then is it renamed into place (a rename is atomic): a checkpoint directory either exists
-whole or not at all. The last ``keep`` are kept. Nothing is unpickled: tensors come from
-safetensors, the rest from JSON.
+whole or not at all (a write that fails midway removes its temporary directory). The last
+``keep`` are kept; an older one is renamed to a temporary name before it is deleted. Nothing is
+unpickled: tensors come from safetensors, the rest from JSON.
 
 Resume = build the run from its config, then :func:`load` the latest checkpoint into it:
 weights, optimizer, scheduler, sampler and RNG states are restored bit for bit, and the logs
@@ -20,9 +21,11 @@ have logged) are run and logged again, identically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,11 +90,16 @@ def fsync_path(path: Path) -> None:
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a half-written temporary (a full disk) is never read; removed if possible
+            tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 
@@ -155,23 +163,48 @@ def save(run: RunState, out: Path, step: int, *, logs: dict[str, int], extra: di
         "logs": logs,
         "extra": extra,
     }
+    def write(tmp: Path) -> None:
+        save_model(run.model, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+
     final = step_dir(out, step)
+    publish(final, write)
+    for old in checkpoints(out)[:-keep]:
+        remove(old)
+    return final
+
+
+def publish(final: Path, write: Callable[[Path], None]) -> None:
+    """Create the directory ``final`` atomically: ``write`` fills a temporary sibling, whose files
+    and itself are fsync'ed, then renamed to ``final``. A failure midway (a full disk, a second
+    stop signal) removes the temporary directory and leaves everything else as it was. Creates
+    ``final``'s parent if missing, not the run directory: one removed mid-run is an error."""
+    final.parent.mkdir(exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(run.model, str(tmp / "model.safetensors"))
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    for f in tmp.iterdir():
-        fsync_path(f)
-    fsync_path(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
+        if final.exists():
+            remove(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_path(final.parent)
-    for old in checkpoints(out)[:-keep]:
-        shutil.rmtree(old)
-    return final
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint directory, renamed to a temporary name first, so that a crash midway
+    never leaves a partial ``step-N/`` (resume removes temporaries)."""
+    doomed = path.with_name(f".tmp-removed-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def load(run: RunState, path: Path) -> dict[str, Any]:

@@ -132,6 +132,12 @@ class DataParallel:
         dist.all_reduce(buffer)
         return float(buffer[0] / buffer[1])
 
+    def largest(self, value: int) -> int:
+        """The largest ``value`` over ranks (e.g. a stop signal only some ranks received). Collective."""
+        buffer = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(buffer, op=dist.ReduceOp.MAX)
+        return int(buffer.item())
+
     def rng_states(self) -> dict[str, Any]:
         """The global RNG states of every rank, ``{"ranks": [rank 0's, rank 1's, ...]}``, for a
         checkpoint: dropout draws a different number of values on each rank (slices differ in

@@ -13,12 +13,14 @@ Cost of a replay: len(log) passes of direction generation over the ZO group, no 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from hybridft.engine.rules import replay_
-from hybridft.run import export
+from hybridft.run import disk, export, lock
 from hybridft.run.checkpoint import run_config
+from hybridft.run.config import TrainConfig
 from hybridft.run.train import build
 from hybridft.run.zo_log import LOG, read
 
@@ -26,7 +28,8 @@ from hybridft.run.zo_log import LOG, read
 def rebuild(run_dir: str | Path, output_dir: str | Path | None = None) -> Path:
     """Rebuild a finished run's model from its initial weights (its config's ``model``, head
     initialised by its seed), its ZO log and, for hybrid, its saved adapter; save it in the
-    layout of :mod:`hybridft.run.export` under ``output_dir`` (default ``RUN_DIR/replayed``)."""
+    layout of :mod:`hybridft.run.export` under ``output_dir`` (default ``RUN_DIR/replayed``),
+    which is locked meanwhile (:mod:`hybridft.run.lock`)."""
     run_dir = Path(run_dir)
     config = run_config(run_dir)
     out = Path(output_dir) if output_dir is not None else run_dir / "replayed"
@@ -34,6 +37,14 @@ def rebuild(run_dir: str | Path, output_dir: str | Path | None = None) -> Path:
         raise ValueError(f"{out} already holds a model; choose another --output-dir")
     if not (run_dir / LOG).exists():
         raise ValueError(f"{run_dir} has no {LOG} (a run from before the log)")
+    with lock.held(out):
+        return replay_into(run_dir, config, out)
+
+
+def replay_into(run_dir: Path, config: TrainConfig, out: Path) -> Path:
+    """:func:`rebuild`'s work, with ``out`` locked."""
+    if (out / "model").exists():  # again, locked: another replay may have written it meanwhile
+        raise ValueError(f"{out} already holds a model; choose another --output-dir")
     updates = read(run_dir / LOG)
     run = build(config.replace(progress=False))
     if not run.groups.zo:
@@ -41,7 +52,13 @@ def rebuild(run_dir: str | Path, output_dir: str | Path | None = None) -> Path:
     if run.groups.fo:
         load_adapter(run.model, run_dir / "adapter")
     replay_(run.groups.zo.items(), updates)
-    export.save(run.model, run.tokenizer, out)
+    try:
+        with disk.writing("the model", out, again=f"hybridft replay {run_dir} --output-dir {out}"):
+            export.save(run.model, run.tokenizer, out)
+    except disk.WriteFailed:
+        for name in ("model", "adapter"):  # half written (it did not exist before): the next replay writes it whole
+            shutil.rmtree(out / name, ignore_errors=True)
+        raise
     print(f"replayed {len(updates)} ZO updates of {run_dir}; saved to {out}")
     return out
 

@@ -3,7 +3,6 @@ evaluation and save."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import dataclasses
 import math
@@ -20,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hybridft.data import evaluate
-from hybridft.run import checkpoint, distributed, export, zo_log
+from hybridft.run import checkpoint, disk, distributed, export, lock, stop
+from hybridft.run.output import LOGS, check_output_dir, log, open_logs, prepare_output_dir
 from hybridft.run.config import TrainConfig
 from hybridft.data.formulations import Formulation, formulation, head_loss
 from hybridft.engine.methods import USES_ADAPTER, Groups, assign, build_optimizer, lora_config, wrap
@@ -29,9 +29,6 @@ from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.sampler import ReshufflingSampler
 from hybridft.engine.schedules import scheduler
 from hybridft.data.tasks import Example, Task, load_task, subsample
-
-
-LOGS = ("metrics.jsonl", zo_log.LOG)  # appended every step; cut back to the checkpoint on resume
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,23 +104,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def prepare_output_dir(config: TrainConfig, overwrite: bool, resume: bool = False) -> Path:
-    """The run directory; refuses one that already holds a run unless ``overwrite`` (or
-    ``resume``, which needs one). Writes nothing."""
-    if config.output_dir is None:
-        if resume:
-            raise ValueError("resuming needs the run's directory")
-        return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{config.task}"
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} exists and is not a directory")
-    if resume and not (out / "config.json").exists():
-        raise ValueError(f"{out} holds no run to resume (no config.json)")
-    if (out / "config.json").exists() and not (overwrite or resume):
-        raise ValueError(f"{out} already holds a run; choose another --output-dir, pass --overwrite, or --resume it")
-    return out
 
 
 def build_model(config: TrainConfig, task: Task, *, adapter: bool = True) -> tuple[torch.nn.Module, Any, Formulation]:
@@ -249,22 +229,42 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False,
           resolve_lr: ResolveLr | None = None) -> Result:
     """Fine-tune ``config.model`` on ``config.task`` with ``config.method``; write the run to disk.
     ``resume``: continue the run in ``config.output_dir`` from its latest checkpoint, exactly.
-    ``resolve_lr``: see :func:`build` (needed for ``lr="auto"``)."""
+    ``resolve_lr``: see :func:`build` (needed for ``lr="auto"``).
+    The output directory is locked for the whole run (:mod:`hybridft.run.lock`: a second run
+    into it is refused); SIGTERM, SIGINT or SIGUSR1 stops the run at a checkpoint, raising
+    :class:`~hybridft.run.stop.Stopped`; a write that fails raises
+    :class:`~hybridft.run.disk.WriteFailed`."""
     config.validate()
     out = prepare_output_dir(config, overwrite, resume)
-    run = build(config, resolve_lr=resolve_lr)
-    main = run.world.main  # only rank 0 prints and writes
-    say = print if main else lambda *_: None
+    with lock.held(out, hold=distributed.world().main):  # only rank 0 writes
+        check_output_dir(out, overwrite, resume)  # again, locked: another run may have written it meanwhile
+        run = build(config, resolve_lr=resolve_lr)
+        done, extra = begin(run, out, resume)
+        loop(run, out, done, extra)
+        return finish(run, out, extra)
+
+
+def begin(run: Run, out: Path, resume: bool) -> tuple[int, dict[str, Any]]:
+    """Start the run in ``out``, or restore it from its latest checkpoint (rank 0 writes), and
+    measure the dev accuracy before training. Returns (steps done, the loop's saved values)."""
+    main = run.world.main
     done, extra = restore(run, out) if resume else start(run, out) if main else (0, {})
     if "dev_accuracy_before" not in extra:  # a resumed run measured it before its first step
         extra["dev_accuracy_before"] = run.dev_accuracy()
-    before = extra["dev_accuracy_before"]
-    say(f"dev accuracy before training: {before:.4f} ({len(run.dev_set)} examples)")
+    if main:
+        print(f"dev accuracy before training: {extra['dev_accuracy_before']:.4f} ({len(run.dev_set)} examples)")
+    return done, extra
 
+
+def loop(run: Run, out: Path, done: int, extra: dict[str, Any]) -> None:
+    """Steps ``done + 1`` to ``run.steps``: rank 0 logs every step and writes a checkpoint every
+    ``checkpoint_every`` steps and after the last. A stop signal (:mod:`hybridft.run.stop`) ends
+    the loop after the current step, at a checkpoint, with :class:`~hybridft.run.stop.Stopped`."""
+    config, main = run.config, run.world.main
     clock, bad = time.perf_counter() - extra.get("seconds", 0.0), 0
-    bar = tqdm(total=run.steps, initial=done, desc=f"{config.method} {config.task}",
-               disable=not (config.progress and main), dynamic_ncols=True)
-    with checkpoint.Logs(out, LOGS) if main else contextlib.nullcontext() as logs:
+    with tqdm(total=run.steps, initial=done, desc=f"{config.method} {config.task}",
+              disable=not (config.progress and main), dynamic_ncols=True) as bar, \
+            stop.requested() as request, open_logs(out, main) as logs:
         for step, indices in zip(range(done, run.steps), run.sampler):
             record = train_step(run, step, indices)
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < run.steps:
@@ -273,19 +273,27 @@ def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                 clock += time.perf_counter() - tick  # "seconds" counts training time only
             extra.update(seconds=time.perf_counter() - clock, loss=record["loss"])
             if logs:
-                logs.append(LOGS[0], json.dumps({**record, "seconds": extra["seconds"]}))
-                if run.optimizer.last_update is not None:
-                    logs.append(LOGS[1], zo_log.to_json(run.optimizer.last_update))
+                log(logs, out, {**record, "seconds": extra["seconds"]}, run.optimizer.last_update)
             bad = guard(run, out, step, bad + 1 if record["skipped"] else 0)
-            if step + 1 == run.steps or (not bad and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
+            signum = stop_signal(run, request)
+            periodic = not bad and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
+            if signum or periodic or step + 1 == run.steps:
                 rng = run.data_parallel.rng_states() if run.data_parallel else None  # collective: every rank
                 if logs:
-                    save_checkpoint(run, out, step + 1, logs.sync(), extra, rng)
+                    save_checkpoint(run, out, step + 1, logs, extra, rng)
             bar.set_postfix(loss=f"{record['loss']:.4f}", zo_lr=f"{record['zo_lr'] or 0:.1e}",
                             fo_lr=f"{record['fo_lr'] or 0:.1e}", refresh=False)
             bar.update()
-    bar.close()
-    return finish(run, out, extra)
+            if signum:
+                raise stop.Stopped(f"stopped at step {step + 1} by {stop.name(signum)}; "
+                                   f"resume with hybridft train --resume {out}", signum)
+
+
+def stop_signal(run: Run, request: stop.Request) -> int:
+    """The stop signal this process (with several ranks: any rank) received, 0 for none; every
+    rank gets the same answer, so that all stop after the same step (one tiny all-reduce)."""
+    signum = request.signum or 0
+    return run.data_parallel.largest(signum) if run.data_parallel else signum
 
 
 def finish(run: Run, out: Path, extra: dict[str, Any]) -> Result:
@@ -303,27 +311,33 @@ def finish(run: Run, out: Path, extra: dict[str, Any]) -> Result:
               "train_seconds": extra.get("seconds", 0.0), "skipped_steps": run.optimizer.skipped_steps,
               "peak_memory_mib": peak_memory_mib(run.device), "ranks": run.world.size}
     if run.world.main:
-        export.save(run.model, run.tokenizer, out, merged=run.config.save_merged)
-        checkpoint.write_atomically(out / "eval.json", json.dumps(result, indent=2))  # last: marks the run complete
+        with disk.writing("the model", out):
+            disk.require(out)  # removed mid-run: transformers would save into a new, empty directory
+            export.save(run.model, run.tokenizer, out, merged=run.config.save_merged)
+        with disk.writing("eval.json", out):
+            checkpoint.write_atomically(out / "eval.json", json.dumps(result, indent=2))  # last: marks the run complete
         print(f"saved to {out}")
     return Result(output_dir=out, dev_accuracy_before=before, dev_accuracy_after=after, final_loss=loss,
                   model=run.model, tokenizer=run.tokenizer, test_accuracy_after=test)
 
 
 def start(run: Run, out: Path) -> tuple[int, dict[str, Any]]:
-    """A fresh run directory: config.json, and no logs, checkpoints or results of an overwritten run."""
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / checkpoint.DIRNAME, ignore_errors=True)
-    for name in (*LOGS, "eval.json"):
-        (out / name).unlink(missing_ok=True)
-    checkpoint.write_atomically(out / "config.json", json.dumps(describe(run), indent=2))
+    """A fresh run directory: config.json, and no logs, checkpoints or results of an overwritten run
+    (whose config.json goes first: a start that fails midway leaves no run to resume by mistake)."""
+    with disk.writing("config.json", out):
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", *LOGS, "eval.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / checkpoint.DIRNAME, ignore_errors=True)
+        checkpoint.write_atomically(out / "config.json", json.dumps(describe(run), indent=2))
     return 0, {}
 
 
 def restore(run: Run, out: Path) -> tuple[int, dict[str, Any]]:
     """Load the latest checkpoint of ``out`` into ``run`` and cut the logs back to it; with no
     checkpoint yet, start over. Returns (steps done, the loop's saved values)."""
-    state = checkpoint.resume(run, out, LOGS, write=run.world.main)
+    with disk.writing("the logs", out):  # cut back to the checkpoint
+        state = checkpoint.resume(run, out, LOGS, write=run.world.main)
     if run.world.main:
         print(f"resuming {out} after step {state['step']}")
     return state["step"], state["extra"]
@@ -340,11 +354,13 @@ def guard(run: Run, out: Path, step: int, bad: int) -> int:
     return bad
 
 
-def save_checkpoint(run: Run, out: Path, step: int, log_sizes: dict[str, int], extra: dict[str, Any],
+def save_checkpoint(run: Run, out: Path, step: int, logs: checkpoint.Logs, extra: dict[str, Any],
                     rng: dict[str, Any] | None = None) -> None:
-    """The checkpoint after ``step``; non-finite weights stop the run instead."""
+    """The checkpoint after ``step``, the logs made durable first; non-finite weights stop the run
+    instead (TrainingDiverged), a failed write raises WriteFailed."""
     try:
-        checkpoint.save(run, out, step, logs=log_sizes, extra=extra, keep=run.config.keep_checkpoints, rng=rng)
+        with disk.writing(f"checkpoint step {step}", out):
+            checkpoint.save(run, out, step, logs=logs.sync(), extra=extra, keep=run.config.keep_checkpoints, rng=rng)
     except FloatingPointError as error:
         raise TrainingDiverged(str(error)) from error
 

@@ -4,9 +4,11 @@ For each (model, task, method) the learning rates are chosen on the dev split: e
 the method's grid runs with the selection seed, the best final dev accuracy wins, and the other
 seeds run at that point. Each cell is a fresh process (so its peak memory is its own) writing an
 ordinary run directory; a cell whose ``eval.json`` exists is finished and never re-run, so a
-killed bench resumes where it stopped (a cell killed mid-run continues from its last checkpoint;
-SIGTERM ends the running cell's process with the bench's). After every cell the summary and plots
-are rewritten.
+killed bench resumes where it stopped (a cell killed mid-run continues from its last checkpoint).
+After every cell the summary and plots are rewritten. The bench directory is locked while a bench
+runs in it (:mod:`hybridft.run.lock`). SIGTERM, SIGINT or SIGUSR1 is passed to the running cell,
+which stops at a checkpoint (:mod:`hybridft.run.stop`); the bench stops after it, with the cell's
+exit code.
 """
 
 from __future__ import annotations
@@ -15,19 +17,18 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from tqdm.auto import tqdm
 
+from hybridft.run import lock, stop
 from hybridft.run.checkpoint import DIRNAME, checkpoints
 from hybridft.run.config import TrainConfig
 from hybridft.run.train import ResolveLr, train
@@ -38,11 +39,24 @@ from hybridft.study.report import write_report
 PLOT_EVERY_SECONDS = 120  # results are rewritten after every cell, plots at most this often (and at the end)
 
 
-def run_cell(bench: BenchConfig, cell: Cell, root: Path, *, resolve_lr: ResolveLr | None = None) -> None:
+@dataclass
+class Running:
+    """The cell process the bench waits on, if any: a stop signal the bench receives is passed to it."""
+
+    process: subprocess.Popen[bytes] | None = None
+
+    def send(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+
+def run_cell(bench: BenchConfig, cell: Cell, root: Path, *, resolve_lr: ResolveLr | None = None,
+             running: Running | None = None) -> None:
     """Train one cell (in a fresh process unless ``isolate`` is off), continuing a cell that was
     killed from its last checkpoint; its log goes to the cell's ``log.txt``. Unless ``keep_models``,
     the finished cell's model and checkpoints are deleted (the metrics are what a bench reports).
-    ``resolve_lr``: for ``lr: auto`` in this process (a fresh process is ``hybridft train``, which has it)."""
+    ``resolve_lr``: for ``lr: auto`` in this process (a fresh process is ``hybridft train``, which has it).
+    ``running`` is told the cell's process. A cell stopped by a signal raises :class:`~hybridft.run.stop.Stopped`."""
     config = cell_config(bench, cell, root)
     out = Path(config.output_dir)  # type: ignore[arg-type]
     resume = bool(checkpoints(out)) if out.is_dir() else False
@@ -52,10 +66,13 @@ def run_cell(bench: BenchConfig, cell: Cell, root: Path, *, resolve_lr: ResolveL
         if bench.isolate:
             how = ["--resume", str(out)] if resume else ["--overwrite"]
             command = [sys.executable, "-m", "hybridft", "train", "--config", str(out / "cell.yaml"), *how]
-            failed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0
+            code = _train_process(command, log, running or Running())
         else:
-            failed = not _train_here(config, log, resume, resolve_lr)
-    if failed:
+            code = _train_here(config, log, resume, resolve_lr)
+    signum = stop.signal_of(code)
+    if signum:
+        raise stop.Stopped(f"cell {cell.name} stopped by {stop.name(signum)}", signum)
+    if code:
         tail = (out / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"cell {cell.name} failed: {tail[0]} (log: {out / 'log.txt'})")
     if not bench.keep_models:
@@ -63,35 +80,37 @@ def run_cell(bench: BenchConfig, cell: Cell, root: Path, *, resolve_lr: ResolveL
             shutil.rmtree(out / name, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """While the bench runs, SIGTERM raises SystemExit (status 143) instead of ending the process
-    on the spot, so ``subprocess.run`` kills the running cell's process on the way out rather than
-    leaving it training, orphaned, into the cell's directory. (Ctrl-C reaches both already.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def exit_(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, exit_)
+def _train_process(command: list[str], log: Any, running: Running) -> int:
+    """Run ``command`` (a cell's ``hybridft train``) in a session of its own, so that a Ctrl-C in
+    the terminal reaches the bench alone, which passes it on once (twice would stop the cell at
+    once); its exit status. A bench leaving at once (a second signal) takes the cell with it."""
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    running.process = process
     try:
-        yield
+        return process.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        running.process = None
+        if process.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)  # it got the second signal too: it stops at once
+            process.kill()
+            process.wait()
 
 
-def _train_here(config: TrainConfig, log: Any, resume: bool, resolve_lr: ResolveLr | None) -> bool:
-    """Train in this process, printing into ``log``; False (with the error logged) if it raised."""
+def _train_here(config: TrainConfig, log: Any, resume: bool, resolve_lr: ResolveLr | None) -> int:
+    """Train in this process, printing into ``log``; its exit status as ``hybridft train``'s:
+    0, 128 + the signal that stopped it, or 1 (with the error logged) if it raised."""
     with contextlib.redirect_stdout(log):
         try:
             train(config, overwrite=not resume, resume=resume, resolve_lr=resolve_lr)
+        except stop.Stopped as stopped:
+            print(stopped, file=log)
+            return stopped.exit_code
         except Exception as error:  # noqa: BLE001 - reported to the caller through the log, never swallowed
             traceback.print_exc(file=log)
             print(f"{type(error).__name__}: {error}", file=log)
-            return False
-    return True
+            return 1
+    return 0
 
 
 def check_same_bench(bench: BenchConfig, root: Path) -> None:
@@ -122,20 +141,28 @@ def _extends(key: str, old: Any, new: Any) -> bool:
 
 
 def run_bench(bench: BenchConfig, *, progress: bool = True, resolve_lr: ResolveLr | None = None) -> Path:
-    """Run every unfinished cell, rewriting the summary and plots after each; the bench directory.
-    ``resolve_lr``: see :func:`run_cell`."""
-    root = Path(bench.output_dir)
-    check_same_bench(bench, root)
-    with sigterm_as_exit():
+    """Run every unfinished cell, rewriting the summary and plots after each; the bench directory,
+    locked meanwhile. A stop signal is passed to the running cell, and the bench stops after it
+    with :class:`~hybridft.run.stop.Stopped`. ``resolve_lr``: see :func:`run_cell`."""
+    root, running = Path(bench.output_dir), Running()
+    again = "run the same hybridft bench command to continue"
+    with lock.held(root), stop.requested(forward=running.send) as request:
+        check_same_bench(bench, root)
         drawn = time.perf_counter()
         # finished cells count as done from the start, so the ETA is the rate of cells run now
         bar = tqdm(total=count(bench), initial=finished(bench, root), desc="bench", unit="cell", disable=not progress, dynamic_ncols=True)
         for cell in cells(bench, root):
             if cell_result(bench, cell, root) is not None:
                 continue
+            if request.signum:
+                raise stop.Stopped(f"bench stopped by {stop.name(request.signum)} before cell {cell.name}; {again}",
+                                   request.signum)
             bar.set_postfix_str(cell.name, refresh=True)
             start = time.perf_counter()
-            run_cell(bench, cell, root, resolve_lr=resolve_lr)
+            try:
+                run_cell(bench, cell, root, resolve_lr=resolve_lr, running=running)
+            except stop.Stopped as stopped:
+                raise stop.Stopped(f"bench stopped: {stopped} at its last checkpoint; {again}", stopped.signum) from None
             rows = write_report(bench, root)
             if time.perf_counter() - drawn > PLOT_EVERY_SECONDS:
                 plot_bench(bench, root, rows)
@@ -144,5 +171,5 @@ def run_bench(bench: BenchConfig, *, progress: bool = True, resolve_lr: ResolveL
             bar.write(f"{cell.name}: {accuracy:.4f} dev accuracy ({time.perf_counter() - start:.0f} s)")
             bar.update()
         bar.close()
-    plot_bench(bench, root, write_report(bench, root))
+        plot_bench(bench, root, write_report(bench, root))
     return root
