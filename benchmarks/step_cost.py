@@ -29,7 +29,7 @@ import time
 
 import torch
 
-# name -> (method, HybridOptimizer step modes, fwd+bwd passes needed, fwd passes needed)
+# name -> (method, TrainConfig ZO flags, fwd+bwd passes needed, fwd passes needed)
 ROWS = {
     "fo-lora": ("fo-lora", {}, 1, 0),
     "hybrid": ("hybrid", {}, 1, 2),
@@ -47,6 +47,14 @@ ROWS = {
     "zo-full embedding-rows": ("zo-full", {"embedding_rows": True}, 0, 2),
     "zo-full rows+cache+rademacher": ("zo-full", {"embedding_rows": True, "z_cache": True, "threads": 2,
                                                   "distribution": "rademacher"}, 0, 2),
+    "zo-full low-rank r2": ("zo-full", {"zo_directions": "low-rank", "zo_rank": 2}, 0, 2),
+    "zo-full low-rank r2+rows": ("zo-full", {"zo_directions": "low-rank", "zo_rank": 2, "embedding_rows": True}, 0, 2),
+    "zo-full layer-subset 0.25": ("zo-full", {"zo_directions": "layer-subset", "zo_layer_fraction": 0.25}, 0, 2),
+    "zo-full fzoo q4": ("zo-full", {"zo_estimator": "fzoo", "num_directions": 4, "distribution": "rademacher"}, 0, 5),
+    "hybrid fused low-rank r2+rows": ("hybrid", {"fused": True, "zo_directions": "low-rank", "zo_rank": 2,
+                                                  "embedding_rows": True}, 1, 1),
+    "hybrid fused layer-subset 0.25": ("hybrid", {"fused": True, "zo_directions": "layer-subset",
+                                                   "zo_layer_fraction": 0.25}, 1, 1),
     "zo-lora": ("zo-lora", {}, 0, 2),
     "fo-full": ("fo-full", {}, 1, 0),
 }

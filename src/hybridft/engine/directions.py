@@ -23,16 +23,18 @@ options, checked once when it is made; each step it hands out that step's ``Dire
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from hybridft.engine.rng import step_seed
-from hybridft.engine.zo import DISTRIBUTIONS, Z_DTYPES, Distribution, HyperparameterError, ZDtype, direction, direction_rows
+from hybridft.engine.rng import generator, step_seed
+from hybridft.engine.zo import (DISTRIBUTIONS, Z_DTYPES, Distribution, HyperparameterError, LowRank, ZDtype, direction,
+                                direction_rows)
 
 T = TypeVar("T")
 
@@ -65,6 +67,8 @@ class Directions:
         row_keys: frozenset[int] = frozenset(),
         rows: dict[int, torch.Tensor] | None = None,
         cache: bool = False,
+        low_rank: LowRank | None = None,
+        active: frozenset[int] | None = None,
     ) -> None:
         self.seed = seed
         self.distribution: Distribution = distribution
@@ -72,6 +76,13 @@ class Directions:
         self.row_keys = row_keys
         self.rows = {} if rows is None else rows
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.low_rank = low_rank  # (rank, V seed): low-rank z for 2-D weights
+        self.active = active  # the keys this step perturbs and updates (None: all)
+
+    def draw(self, param: torch.Tensor, key: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``zo.direction`` with this direction's seed and options."""
+        return direction(param, seed=self.seed, key=key, distribution=self.distribution, dtype=self.dtype, rows=rows,
+                         low_rank=self.low_rank)
 
     def record_rows(self, key: int, rows: torch.Tensor) -> None:
         """Fix the support of a batch-row parameter's z; every later forward must read the same rows."""
@@ -86,7 +97,7 @@ class Directions:
         if self.cache is not None and key in self.cache:
             return self.cache[key]
         rows = self.rows.get(key, param.new_empty(0, dtype=torch.long)) if key in self.row_keys else None
-        z = direction(param, seed=self.seed, key=key, distribution=self.distribution, dtype=self.dtype, rows=rows)
+        z = self.draw(param, key, rows)
         if self.cache is not None:
             self.cache[key] = z
         return z
@@ -98,14 +109,16 @@ class Directions:
             self.record_rows(key, rows)
             return self.z(param, key)
         if self.cache is None:
-            return direction_rows(param, rows, seed=self.seed, key=key, distribution=self.distribution, dtype=self.dtype)
+            return direction_rows(param, rows, seed=self.seed, key=key, distribution=self.distribution, dtype=self.dtype,
+                                  low_rank=self.low_rank)
         return self.z(param, key)[rows]
 
     def fill_cache(self, keys: Mapping[nn.Parameter, int], threads: int = 1) -> None:
         """Generate every full-support slice now, in parallel (batch-row slices wait for the batch)."""
         if self.cache is None:
             raise ValueError("fill_cache needs Directions(cache=True)")
-        parallel_map(lambda item: self.z(*item), [(p, k) for p, k in keys.items() if k not in self.row_keys], threads)
+        parallel_map(lambda item: self.z(*item), [(p, k) for p, k in keys.items() if k not in self.row_keys
+                                                  and (self.active is None or k in self.active)], threads)
 
     def cache_bytes(self) -> int:
         return sum(z.numel() * z.element_size() for z in (self.cache or {}).values())
@@ -136,25 +149,123 @@ class DirectionSampler:
         if not isinstance(self.threads, int) or self.threads < 1:
             raise HyperparameterError("threads", f"must be at least 1, got {self.threads}")
 
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint records of this sampler (``HybridOptimizer.settings``)."""
+        return {"distribution": self.distribution, "z_dtype": self.z_dtype, "z_cache": self.cache,
+                "embedding_rows": self.embedding_rows}
+
+    def log_fields(self, directions: Sequence[Directions]) -> dict[str, Any]:
+        """What a step's ``ZOUpdate`` must record of its directions for replay."""
+        return {"distribution": self.distribution, "z_dtype": self.z_dtype, "rows": directions[0].logged_rows()}
+
     def row_keys(self, module: nn.Module, keys: Mapping[nn.Parameter, int]) -> frozenset[int]:
         """The keys whose z is restricted to batch rows: the input embedding's, with ``embedding_rows``."""
         return frozenset([input_embedding_key(module, keys)]) if self.embedding_rows else frozenset()
 
     def step(self, seed: int, step: int, num_directions: int, keys: Mapping[nn.Parameter, int],
-             row_keys: frozenset[int] = frozenset()) -> list[Directions]:
+             row_keys: frozenset[int] = frozenset(), names: Mapping[int, str] | None = None) -> list[Directions]:
         """The ``num_directions`` directions of step ``step`` of a run seeded ``seed`` (their
-        batch rows shared); with ``cache``, full-support slices are generated now."""
+        batch rows shared); with ``cache``, full-support slices are generated now. ``names``:
+        key -> canonical parameter name (for samplers that choose by name)."""
         rows: dict[int, torch.Tensor] = {}
         directions = [Directions(step_seed(seed, step, i), distribution=self.distribution, dtype=self.z_dtype,
-                                 row_keys=row_keys, rows=rows, cache=self.cache) for i in range(num_directions)]
+                                 row_keys=row_keys, rows=rows, cache=self.cache, **self._options(seed, step, i, names))
+                      for i in range(num_directions)]
         if self.cache:
             for d in directions:
                 d.fill_cache(keys, self.threads)
         return directions
 
+    def _options(self, seed: int, step: int, i: int, names: Mapping[int, str] | None) -> dict[str, Any]:
+        """Direction i's extra options (a subclass's: low rank, active keys)."""
+        return {}
+
     def map(self, fn: Callable[[T], object], items: Iterable[T]) -> None:
         """``fn`` over ``items`` on this sampler's threads (a whole-model pass over z)."""
         parallel_map(fn, items, self.threads)
+
+
+_V_STEP_SALT = 0x0F_A7_E5  # V's seeds: their own stream of (seed, step) seeds
+
+
+@dataclass(frozen=True)
+class LowRankSampler(DirectionSampler):
+    """LOZO's directions (Chen et al. 2024, arXiv 2410.07698): each 2-D weight (m x n) gets
+    z = U V^T / sqrt(r), U and V of rank ``rank`` with unit-variance entries; U is drawn anew every
+    step, V is kept for ``v_every`` steps (LOZO's lazy V). Other tensors keep dense z. z's entries
+    still have unit variance, so learning rates carry over in scale. Cost per 2-D weight and
+    generation: (m + n) r values drawn and an m x n product, instead of m n values drawn."""
+
+    rank: int = 2
+    v_every: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise HyperparameterError("rank", f"must be at least 1, got {self.rank}")
+        if not isinstance(self.v_every, int) or self.v_every < 1:
+            raise HyperparameterError("v_every", f"must be at least 1, got {self.v_every}")
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "sampler": "LowRankSampler", "rank": self.rank, "v_every": self.v_every}
+
+    def log_fields(self, directions: Sequence[Directions]) -> dict[str, Any]:
+        return {**super().log_fields(directions), "rank": self.rank,
+                "v_seeds": tuple(d.low_rank[1] for d in directions if d.low_rank is not None)}
+
+    def _options(self, seed: int, step: int, i: int, names: Mapping[int, str] | None) -> dict[str, Any]:
+        return {"low_rank": (self.rank, step_seed(seed ^ _V_STEP_SALT, step // self.v_every, i))}
+
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def block_of(name: str) -> str:
+    """The transformer block a parameter belongs to (``layer.3``), from its canonical name; every
+    parameter outside the numbered blocks (embeddings, final norm, head) is one unit, ``other``."""
+    found = _BLOCK.search(name)
+    return f"block.{found.group(1)}" if found else "other"
+
+
+def active_keys(names: Mapping[int, str], fraction: float, seed: int) -> frozenset[int]:
+    """The keys of a seeded random ``fraction`` of the units (``block_of``), at least one unit:
+    LeZO's layer subset of one step. Derived from the step seed and the names alone (replay)."""
+    units = sorted({block_of(n) for n in names.values()})
+    count = max(1, round(fraction * len(units)))
+    order = torch.randperm(len(units), generator=generator(seed ^ _UNIT_SALT, torch.device("cpu"))).tolist()
+    chosen = {units[j] for j in order[:count]}
+    return frozenset(k for k, n in names.items() if block_of(n) in chosen)
+
+
+_UNIT_SALT = 0x1E_20_B1_0C
+SAMPLERS = ("dense", "low-rank", "layer-subset")
+
+
+@dataclass(frozen=True)
+class LayerSubsetSampler(DirectionSampler):
+    """LeZO's directions (Wang et al. 2024, arXiv 2410.18754): each step perturbs and updates only
+    the ZO weights of a seeded random ``fraction`` of the transformer blocks (``block_of``: the
+    numbered blocks, plus the rest of the model as one more unit); the others get no z, no
+    generation and no update. Cost per step: ``fraction`` of the generation passes; the forwards
+    are unchanged. The subset is derived from the step's first seed, so replay re-derives it."""
+
+    fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0 < self.fraction <= 1):
+            raise HyperparameterError("fraction", f"must be in (0, 1], got {self.fraction}")
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "sampler": "LayerSubsetSampler", "fraction": self.fraction}
+
+    def log_fields(self, directions: Sequence[Directions]) -> dict[str, Any]:
+        return {**super().log_fields(directions), "layer_fraction": self.fraction}
+
+    def _options(self, seed: int, step: int, i: int, names: Mapping[int, str] | None) -> dict[str, Any]:
+        if names is None:
+            raise ValueError("LayerSubsetSampler needs the parameters' names")
+        return {"active": active_keys(names, self.fraction, step_seed(seed, step, 0))}
 
 
 def reads_rows_only(module: nn.Module) -> bool:
@@ -180,3 +291,15 @@ def input_embedding_key(module: nn.Module, keys: Mapping[nn.Parameter, int]) -> 
         raise ValueError("batch-row directions need an untied input embedding; this model ties it to another "
                          "layer, which reads every row")
     return keys[weight]
+
+
+def direction_sampler(kind: str = "dense", *, rank: int = 2, v_every: int = 1, fraction: float = 0.25,
+                      **common: Any) -> DirectionSampler:
+    """The sampler the flag ``--zo-directions`` names (``common``: DirectionSampler's fields)."""
+    if kind == "dense":
+        return DirectionSampler(**common)
+    if kind == "low-rank":
+        return LowRankSampler(**common, rank=rank, v_every=v_every)
+    if kind == "layer-subset":
+        return LayerSubsetSampler(**common, fraction=fraction)
+    raise HyperparameterError("directions", f"must be one of {', '.join(SAMPLERS)}; got {kind!r}")

@@ -148,9 +148,19 @@ class NormalizedProbes:
 Estimator = TwoSided | OneSided | FusedTwoSided | FusedOneSided | NormalizedProbes
 
 
+ESTIMATORS = ("spsa", "fzoo")
+
+
 def estimator(*, eps: float = 1e-3, num_directions: int = 1, one_sided: bool = False,
-              fused: bool = False) -> Estimator:
-    """The estimator the flags ``--eps --num-directions --one-sided --fused`` name."""
+              fused: bool = False, kind: str = "spsa") -> Estimator:
+    """The estimator the flags ``--zo-estimator --eps --num-directions --one-sided --fused`` name:
+    ``spsa`` (the finite differences of the table above) or ``fzoo`` (``NormalizedProbes``)."""
+    if kind not in ESTIMATORS:
+        raise HyperparameterError("estimator", f"must be one of {', '.join(ESTIMATORS)}; got {kind!r}")
+    if kind == "fzoo":
+        if fused:
+            raise HyperparameterError("fused", "is not available with the fzoo estimator (its probes are one-sided forwards)")
+        return NormalizedProbes(eps=eps, num_directions=num_directions)
     cls = {(False, False): TwoSided, (True, False): OneSided,
            (False, True): FusedTwoSided, (True, True): FusedOneSided}[(bool(one_sided), bool(fused))]
     return cls(eps=eps, num_directions=num_directions)

@@ -112,6 +112,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.estimator, self.directions, self.rule, self.storage = estimator, directions, rule, storage
         self.num_steps = 0
         self.keys = {p: parameter_key(name) for name, p in zo_params.items()}
+        self.names = {parameter_key(name): name for name in zo_params}
         self.row_keys = directions.row_keys(module, self.keys)
         self.cuda_devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
         self.last_update: ZOUpdate | None = None
@@ -126,11 +127,15 @@ class HybridOptimizer(torch.optim.Optimizer):
     def settings(self) -> dict[str, Any]:
         """The ZO step's hyperparameters (lr aside), as flat values: kept in ``state_dict`` so that
         a checkpoint is never loaded into an optimizer composed differently."""
-        e, d = self.estimator, self.directions
-        return {"estimator": type(e).__name__, "eps": e.eps, "num_directions": e.num_directions, "one_sided": e.one_sided, "fused": e.fused,
-                "distribution": d.distribution, "z_dtype": d.z_dtype, "z_cache": d.cache,
-                "embedding_rows": d.embedding_rows, "weight_decay": self.rule.weight_decay,
-                "rounding": self.storage.name}
+        e = self.estimator
+        return {"estimator": type(e).__name__, "eps": e.eps, "num_directions": e.num_directions,
+                "one_sided": e.one_sided, "fused": e.fused, **self.directions.settings(),
+                "weight_decay": self.rule.weight_decay, "rounding": self.storage.name}
+
+    def _active(self, directions: list[Directions]) -> dict[nn.Parameter, int]:
+        """The ZO parameters this step perturbs and updates (a layer subset, or all)."""
+        active = directions[0].active if directions else None
+        return self.keys if active is None else {p: k for p, k in self.keys.items() if k in active}
 
     @property
     def zo_group(self) -> dict[str, Any]:
@@ -142,7 +147,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         with ``grad``, its backward too (the FO pass)."""
         set_rng_state(self._rng_start, self.cuda_devices)
         context = nullcontext() if directions is None else perturbed(
-            self.module, self.keys, scale=scale, directions=directions, for_backward=grad)
+            self.module, self._active([directions]), scale=scale, directions=directions, for_backward=grad)
         with torch.set_grad_enabled(grad), context:
             loss = closure()
         self._modes.add(self.module.training)
@@ -152,9 +157,8 @@ class HybridOptimizer(torch.optim.Optimizer):
 
     def _update_(self, grads: list[float], directions: list[Directions]) -> ZOUpdate:
         update = self.rule.log(step=self.num_steps, seeds=tuple(d.seed for d in directions),
-                               projected_grads=tuple(grads), lr=self.zo_group["lr"],
-                               distribution=self.directions.distribution, z_dtype=self.directions.z_dtype,
-                               rows=directions[0].logged_rows(), rounding=self.storage.name)
+                               projected_grads=tuple(grads), lr=self.zo_group["lr"], rounding=self.storage.name,
+                               **self.directions.log_fields(directions))
         cached = self.directions.cache
 
         def one(item: tuple[nn.Parameter, int]) -> None:
@@ -162,7 +166,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             self.rule.apply_(p, key=key, update=update, storage=self.storage,
                              z_of=(lambda i: directions[i].z(p, key)) if cached else None)
 
-        self.directions.map(one, self.keys.items())
+        self.directions.map(one, self._active(directions).items())
         return update
 
     def step(self, closure: Closure | None = None, *,  # type: ignore[override]
@@ -181,7 +185,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         grads, directions = None, []
         if self.keys:
             directions = self.directions.step(self.seed, self.num_steps, self.estimator.num_directions, self.keys,
-                                              self.row_keys)
+                                              self.row_keys, self.names)
             grads, zo_loss = self.estimator.estimate(
                 lambda d, scale, grad=False: float(self._evaluate(closure, d, scale, grad=grad)), directions)
             loss = torch.tensor(zo_loss)

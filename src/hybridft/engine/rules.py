@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hybridft.engine.directions import active_keys
 from hybridft.engine.rng import parameter_key
 from hybridft.engine.storage import StorageRule, storage_rule
 from hybridft.engine.zo import HyperparameterError, ZOUpdate, add_direction_, direction, direction_blocks
@@ -72,14 +73,15 @@ def _sgd_(target: torch.Tensor, param: torch.Tensor, *, key: int, update: ZOUpda
         alpha = -update.lr * g / q
         if z_of is not None or rows is not None:
             z = z_of(i) if z_of is not None else direction(
-                param, seed=seed, key=key, distribution=update.distribution, dtype=update.z_dtype, rows=rows)
+                param, seed=seed, key=key, distribution=update.distribution, dtype=update.z_dtype, rows=rows,
+                low_rank=update.low_rank(i))
             if compact:
                 target.add_(z.to(target.dtype), alpha=alpha)
             else:
                 add_direction_(target, z, alpha=alpha, rows=rows)
         else:
             for start, z in direction_blocks(param, seed=seed, key=key, distribution=update.distribution,
-                                             dtype=update.z_dtype):
+                                             dtype=update.z_dtype, low_rank=update.low_rank(i)):
                 target[start : start + len(z)].add_(z, alpha=alpha)
 
 
@@ -98,7 +100,10 @@ def replay_(named_params: Iterable[tuple[str, torch.Tensor]], updates: Sequence[
     Starting from the weights the run started from, this reproduces its ZO-trained weights
     bit for bit (same ops, same order, same dtype and device).
     """
-    keyed = [(parameter_key(name), param) for name, param in named_params]
+    named = [(parameter_key(name), name, param) for name, param in named_params]
+    names = {key: name for key, name, _ in named}
     for update in updates:
-        for key, param in keyed:
-            update_(param, key=key, update=update)
+        active = active_keys(names, update.layer_fraction, update.seeds[0]) if update.layer_fraction < 1 else None
+        for key, _, param in named:
+            if active is None or key in active:
+                update_(param, key=key, update=update)

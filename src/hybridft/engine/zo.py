@@ -28,7 +28,7 @@ import torch
 
 from hybridft.engine.rng import generator, parameter_key, step_seed
 
-__all__ = ["DISTRIBUTIONS", "ROUNDINGS", "Z_DTYPES", "Distribution", "HyperparameterError", "Rounding", "ZDtype", "ZOUpdate", "add_direction_", "direction",
+__all__ = ["DISTRIBUTIONS", "ROUNDINGS", "Z_DTYPES", "Distribution", "HyperparameterError", "LowRank", "Rounding", "ZDtype", "ZOUpdate", "add_direction_", "direction",
            "direction_blocks", "direction_rows", "parameter_key", "perturb_", "projected_grad", "step_seed"]
 
 Distribution = Literal["gaussian", "rademacher"]
@@ -37,6 +37,8 @@ ZDtype = Literal["float32", "param"]
 Z_DTYPES: tuple[str, ...] = ("float32", "param")
 Rounding = Literal["stochastic", "nearest"]
 ROUNDINGS: tuple[str, ...] = ("stochastic", "nearest")
+LowRank = tuple[int, int]  # (rank r, seed of V): z = U V^T / sqrt(r) for 2-D weights
+_V_SALT = 0x10_5A_1E_F7  # separates V's stream from U's
 
 
 class HyperparameterError(ValueError):
@@ -56,6 +58,7 @@ def direction(
     distribution: Distribution = "gaussian",
     dtype: ZDtype = "float32",
     rows: torch.Tensor | None = None,
+    low_rank: LowRank | None = None,
 ) -> torch.Tensor:
     """The slice of z for one parameter: same shape, dtype and device as ``like``.
 
@@ -65,17 +68,34 @@ def direction(
     weights, a different z). With ``rows`` (a 1-D index tensor), z has support on those rows
     of ``like`` only and shape ``(len(rows), *like.shape[1:])``: the batch-row estimator of an
     input embedding. Cost: one pass of random-number generation over the values returned.
+
+    With ``low_rank = (r, v_seed)`` a 2-D ``like`` (m x n) gets z = U V^T / sqrt(r), U (m x r)
+    drawn from ``(seed, key)`` and V (n x r) from ``(v_seed, key)``, entries of unit variance:
+    (m + n) r values generated instead of m n (LOZO's directions). Other shapes keep dense z.
     """
-    shape = like.shape if rows is None else (len(rows), *like.shape[1:])
-    g = generator(seed ^ key, like.device)
     draw_dtype = torch.float32 if dtype == "float32" else like.dtype
+    if low_rank is not None and like.dim() == 2:
+        rank, v_seed = low_rank
+        u = _draw((like.shape[0], rank), seed ^ key, distribution, draw_dtype, like.device)
+        v = _draw((like.shape[1], rank), v_seed ^ key ^ _V_SALT, distribution, draw_dtype, like.device)
+        u = u if rows is None else u[rows]
+        z = u[:, :1] * v[:, 0]  # sum of r outer products, elementwise: z[rows] is bitwise the rows of z
+        for k in range(1, rank):
+            z.addcmul_(u[:, k : k + 1], v[:, k])
+        return z.mul_(1.0 / math.sqrt(rank)).to(like.dtype)
+    shape = like.shape if rows is None else (len(rows), *like.shape[1:])
+    return _draw(shape, seed ^ key, distribution, draw_dtype, like.device).to(like.dtype)
+
+
+def _draw(shape: torch.Size | tuple[int, ...], seed: int, distribution: Distribution, dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor:
+    """Values of unit variance from a generator seeded by ``seed``: N(0, 1) or uniform on {-1, +1}."""
+    g = generator(seed, device)
     if distribution == "gaussian":
-        z = torch.randn(shape, generator=g, device=like.device, dtype=draw_dtype)
-    elif distribution == "rademacher":
-        z = _signs(shape, generator=g, dtype=draw_dtype, device=like.device)
-    else:
-        raise HyperparameterError("distribution", f"must be one of {', '.join(DISTRIBUTIONS)}; got {distribution!r}")
-    return z.to(like.dtype)
+        return torch.randn(shape, generator=g, device=device, dtype=dtype)
+    if distribution == "rademacher":
+        return _signs(shape, generator=g, dtype=dtype, device=device)
+    raise HyperparameterError("distribution", f"must be one of {', '.join(DISTRIBUTIONS)}; got {distribution!r}")
 
 
 BLOCK_VALUES = 1 << 20
@@ -83,21 +103,21 @@ BLOCK_VALUES = 1 << 20
 
 def direction_blocks(
     like: torch.Tensor, *, seed: int, key: int, distribution: Distribution = "gaussian", dtype: ZDtype = "float32",
-    block_values: int = BLOCK_VALUES,
+    block_values: int = BLOCK_VALUES, low_rank: LowRank | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``direction(like, ...)`` as consecutive blocks of rows ``(first_row, z[first_row:...])``,
     so a consumer holds about ``block_values`` values of z instead of ``like.numel()``.
 
     Blocks are used where they reproduce the whole draw bit for bit: a CPU generator's fp32
     Gaussian stream is the same drawn at once or in consecutive pieces of a multiple of 16
-    values (tested); elsewhere (CUDA, Rademacher, other draw dtypes, small tensors) the one
-    block is the whole z.
+    values (tested); elsewhere (CUDA, Rademacher, other draw dtypes, small tensors, low-rank z)
+    the one block is the whole z.
     """
     row = math.prod(like.shape[1:]) if like.dim() > 1 else 1
     blockwise = (like.device.type == "cpu" and distribution == "gaussian" and dtype == "float32"
-                 and like.dim() >= 1 and like.numel() > 2 * block_values)
+                 and like.dim() >= 1 and like.numel() > 2 * block_values and (low_rank is None or like.dim() != 2))
     if not blockwise:
-        yield 0, direction(like, seed=seed, key=key, distribution=distribution, dtype=dtype)
+        yield 0, direction(like, seed=seed, key=key, distribution=distribution, dtype=dtype, low_rank=low_rank)
         return
     g = generator(seed ^ key, like.device)
     rows_per_block = 16 * max(1, block_values // (16 * row))  # a multiple of 16 values per block
@@ -113,9 +133,11 @@ def direction_blocks(
 
 def direction_rows(
     like: torch.Tensor, rows: torch.Tensor, *, seed: int, key: int, distribution: Distribution = "gaussian",
-    dtype: ZDtype = "float32", block_values: int = BLOCK_VALUES,
+    dtype: ZDtype = "float32", block_values: int = BLOCK_VALUES, low_rank: LowRank | None = None,
 ) -> torch.Tensor:
     """``direction(like, ...)[rows]`` for sorted ``rows``, holding one block of z at a time."""
+    if low_rank is not None and like.dim() == 2:
+        return direction(like, seed=seed, key=key, distribution=distribution, dtype=dtype, rows=rows, low_rank=low_rank)
     pieces = []
     for start, block in direction_blocks(like, seed=seed, key=key, distribution=distribution, dtype=dtype,
                                          block_values=block_values):
@@ -166,7 +188,9 @@ class ZOUpdate:
     key and the rows its z had support on (the batch's token ids): replay needs them.
     ``rounding`` says how the result was stored into bf16/fp16 weights (float32 ones take it
     exactly): ``stochastic`` (unbiased, noise drawn from (seeds[0], key)) or ``nearest``; logs
-    written before the field existed rounded to nearest.
+    written before the field existed rounded to nearest. ``rank`` > 0: 2-D weights had low-rank
+    z of that rank, V drawn from ``v_seeds[i]``. ``layer_fraction`` < 1: only the blocks
+    ``directions.active_keys`` derives from seeds[0] and the parameter names were touched.
     """
 
     step: int
@@ -178,6 +202,13 @@ class ZOUpdate:
     z_dtype: ZDtype = "float32"
     rows: tuple[tuple[int, tuple[int, ...]], ...] = ()
     rounding: Rounding = "nearest"
+    rank: int = 0
+    v_seeds: tuple[int, ...] = ()
+    layer_fraction: float = 1.0
+
+    def low_rank(self, i: int) -> LowRank | None:
+        """Direction i's (rank, V seed) for 2-D weights, or None for dense z."""
+        return (self.rank, self.v_seeds[i]) if self.rank else None
 
     def rows_of(self, key: int, device: torch.device) -> torch.Tensor | None:
         """The rows parameter ``key``'s z is restricted to, or None for a full-support z."""

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from hybridft.engine.directions import DirectionSampler
-from hybridft.engine.estimators import estimator
+from hybridft.engine.directions import SAMPLERS, direction_sampler
+from hybridft.engine.estimators import ESTIMATORS, estimator
 from hybridft.engine.methods import METHODS, fo_optimizer
 from hybridft.engine.rules import ZOSGD
 from hybridft.engine.schedules import SCHEDULES
@@ -23,7 +23,8 @@ from hybridft.engine.zo import DISTRIBUTIONS, ROUNDINGS, Z_DTYPES, Hyperparamete
 # The flag that sets each hyperparameter of the ZO step's objects (for their one-line errors).
 ZO_FLAGS = {"eps": "--eps", "num_directions": "--num-directions", "distribution": "--distribution",
             "z_dtype": "--z-dtype", "threads": "--zo-threads", "weight_decay": "--zo-weight-decay",
-            "rounding": "--zo-rounding"}
+            "rounding": "--zo-rounding", "estimator": "--zo-estimator", "directions": "--zo-directions",
+            "fused": "--fused", "rank": "--zo-rank", "v_every": "--zo-v-every", "fraction": "--zo-layer-fraction"}
 
 MODEL_KINDS = ("auto", "encoder", "causal")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
@@ -75,6 +76,11 @@ class TrainConfig:
     z_dtype: str = _f("float32", "draw z in float32 (then cast) or in the weights' own dtype", choices=Z_DTYPES)
     embedding_rows: bool = _f(False, "perturb and update only the input-embedding rows of the batch's tokens (untied embeddings; docs/step_cost.md)")
     zo_threads: int = _f(1, "threads generating z in parallel across parameters (update and z-cache passes; same z)")
+    zo_estimator: str = _f("spsa", "ZO estimator: spsa (finite differences, --one-sided/--fused) or fzoo (--num-directions >= 2 one-sided probes normalised by the std of their losses; docs/zo_rules.md)", choices=ESTIMATORS)
+    zo_directions: str = _f("dense", "ZO directions: dense (MeZO's), low-rank (LOZO: z = U V^T per 2-D weight, --zo-rank) or layer-subset (LeZO: a random --zo-layer-fraction of the blocks per step); docs/zo_rules.md", choices=SAMPLERS)
+    zo_rank: int = _f(2, "rank r of low-rank directions (--zo-directions low-rank)")
+    zo_v_every: int = _f(1, "keep V of low-rank directions for this many steps (LOZO's lazy V)")
+    zo_layer_fraction: float = _f(0.25, "fraction of the blocks perturbed per step (--zo-directions layer-subset)")
     sampler: str = _f("reshuffle", "mini-batch sampling", choices=("reshuffle", "replacement"))
     max_length: int | None = _f(None, "tokens per input, longer inputs are truncated (default: the task's: 64 movie reviews, 128 SST-2/WinoGrande/task files, 256 WSC)")
     train_size: int | None = _f(None, "subsample the training split to this many examples")
@@ -103,11 +109,12 @@ class TrainConfig:
         """The objects the ZO step is composed of (``HybridOptimizer``'s estimator, directions,
         rule, storage); each checks its own values when made (a one-line error naming the flag)."""
         try:
-            return {"estimator": estimator(eps=self.eps, num_directions=self.num_directions,
-                                           one_sided=self.one_sided, fused=self.fused),
-                    "directions": DirectionSampler(distribution=self.distribution, z_dtype=self.z_dtype,  # type: ignore[arg-type]
-                                                   cache=self.z_cache, embedding_rows=self.embedding_rows,
-                                                   threads=self.zo_threads),
+            return {"estimator": estimator(eps=self.eps, num_directions=self.num_directions, one_sided=self.one_sided,
+                                           fused=self.fused, kind=self.zo_estimator),
+                    "directions": direction_sampler(self.zo_directions, rank=self.zo_rank, v_every=self.zo_v_every,
+                                                    fraction=self.zo_layer_fraction, distribution=self.distribution,
+                                                    z_dtype=self.z_dtype, cache=self.z_cache,
+                                                    embedding_rows=self.embedding_rows, threads=self.zo_threads),
                     "rule": ZOSGD(weight_decay=self.zo_weight_decay),
                     "storage": storage_rule(self.zo_rounding)}
         except HyperparameterError as error:

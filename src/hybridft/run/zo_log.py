@@ -20,15 +20,22 @@ from hybridft.engine.zo import ZOUpdate
 LOG = "zo_updates.jsonl"
 
 
+# Fields a rule adds to the log only when it is used (their defaults mean plain ZO-SGD directions),
+# so a plain run's lines are those written before the rules existed.
+_OPTIONAL = {f.name: f.default for f in dataclasses.fields(ZOUpdate) if f.name in ("rank", "v_seeds", "layer_fraction")}
+
+
 def to_json(update: ZOUpdate) -> str:
     """One log line (without the newline)."""
-    return json.dumps(dataclasses.asdict(update))
+    record = dataclasses.asdict(update)
+    return json.dumps({k: v for k, v in record.items() if k not in _OPTIONAL or v != _OPTIONAL[k]})
 
 
 def from_json(line: str) -> ZOUpdate:
     record: dict[str, Any] = json.loads(line)
     record["seeds"] = tuple(int(s) for s in record["seeds"])
     record["projected_grads"] = tuple(float(g) for g in record["projected_grads"])
+    record["v_seeds"] = tuple(int(s) for s in record.get("v_seeds", ()))
     return ZOUpdate(**record)
 
 
@@ -55,8 +62,9 @@ def rms_move(updates: Sequence[ZOUpdate]) -> float | None:
     since each step adds -lr/q * sum_i g_i z_i with fresh directions of unit variance per
     coordinate (Gaussian or Rademacher); the two sides agree up to O(1/sqrt(d)) for the d weights
     of the group. Weight decay's shrink is not included. None for a log of batch-row directions,
-    whose z covers only some rows of the embedding (no single figure per weight). Cost: none.
+    whose z covers only some rows of the embedding, or of layer subsets, which move only some
+    blocks each step (no single figure per weight). Cost: none.
     """
-    if any(u.rows for u in updates):
+    if any(u.rows or u.layer_fraction < 1 for u in updates):
         return None
     return math.sqrt(sum((u.lr / len(u.seeds)) ** 2 * sum(g * g for g in u.projected_grads) for u in updates))
