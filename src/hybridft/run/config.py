@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from hybridft.data import yaml12
 from hybridft.engine.directions import SAMPLERS, direction_sampler
 from hybridft.engine.estimators import ESTIMATORS, estimator
 from hybridft.engine.methods import METHODS, fo_optimizer
@@ -43,8 +44,8 @@ class TrainConfig:
     score: str = _f("mean", "how a causal LM ranks candidates: mean (length-normalised) or sum of their token log-likelihoods", choices=("mean", "sum"))
     dtype: str = _f("float32", "dtype the weights are loaded in: float32 (default), bfloat16 / float16 (half the memory; ZO updates are then stored by --zo-rounding), float64, or auto (the checkpoint's own, transformers' default)", choices=DTYPES)
     cache_dir: str | None = _f(None, "where dequantized GGUF models are kept (default: $HYBRIDFT_CACHE_DIR or ~/.cache/hybridft)")
-    task: str = _f("rotten_tomatoes", "task name (rotten_tomatoes, imdb, sst2, wsc, winogrande, winogrande_xs/s/m/l/xl) or a task file (.yaml)")
-    data_dir: str | None = _f(None, "folder with local copies of the benchmark files (sst2/, wsc/, winogrande/; default: $HYBRIDFT_DATA_DIR, else the datasets hub)")
+    task: str = _f("rotten_tomatoes", "task name (rotten_tomatoes, imdb, sst2, wsc, winogrande, winogrande_xs/s/m/l/xl, rte, cb, boolq, copa, wic, multirc) or a task file (.yaml)")
+    data_dir: str | None = _f(None, "folder with local copies of the benchmark files (sst2/, wsc/, winogrande/, rte/, cb/, ...; default: $HYBRIDFT_DATA_DIR, else the datasets hub)")
     method: str = _f("hybrid", "what is trained and how", choices=METHODS)
     steps: int = _f(100, "optimizer steps (ignored when --epochs is set)")
     epochs: float | None = _f(None, "train for this many passes over the training set instead of --steps")
@@ -182,7 +183,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping of config fields (dashes or underscores); unknown keys are an error."""
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml12.load(f) or {}  # YAML 1.2: `yes`/`on` stay strings, 1e-3 is a float
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

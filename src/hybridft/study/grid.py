@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from hybridft.data import yaml12
 from hybridft.run.config import METHODS, TrainConfig, underscored
 
 LR_FIELDS = ("zo_lr", "fo_lr")
@@ -72,7 +71,7 @@ class BenchConfig:
 def load_bench(path: str | Path, output_dir: str | None = None) -> BenchConfig:
     """Read a bench YAML file (dashes or underscores in keys); ``output_dir`` overrides the file's."""
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml12.load(f) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping")
     data = underscored(data)

@@ -7,9 +7,11 @@ into model inputs, looked up by name (or by the path of a user's task file).
 | sst2 | classification | 90% of GLUE train | the other 10% | GLUE dev (872) | hub / GLUE TSV |
 | wsc | classification (span) | 90% of SuperGLUE train | the other 10% | SuperGLUE val (104) | hub / JSONL |
 | winogrande[_xs.._xl] | multiple choice | 90% of train_<size> | the other 10% | dev (1,267) | hub / JSONL |
+| rte, cb, boolq, wic, multirc | classification | 90% of SuperGLUE train | the other 10% | SuperGLUE val | hub / JSONL |
+| copa | multiple choice | 90% of SuperGLUE train | the other 10% | SuperGLUE val (100) | hub / JSONL |
 | path/to/task.yaml | either | the user's files | | | CSV / TSV / JSONL |
 
-The official test splits of SST-2, WSC and WinoGrande have no public labels, so, as MeZO does,
+The official test splits of SST-2, SuperGLUE and WinoGrande have no public labels, so, as MeZO does,
 the official validation split is the test set and the dev set is held out of train.
 """
 
@@ -25,7 +27,7 @@ from hybridft.data.tasks.template import Template
 __all__ = ["DEV_FRACTION", "Example", "Task", "Template", "holdout", "load_task", "subsample"]
 
 def _loaders() -> dict[str, Callable[[int, str | None], Task]]:
-    from hybridft.data.tasks import movie_reviews, sst2, winogrande, wsc
+    from hybridft.data.tasks import copa, movie_reviews, sst2, superglue, winogrande, wsc
 
     loaders: dict[str, Callable[[int, str | None], Task]] = {
         "rotten_tomatoes": lambda seed, _: movie_reviews.load("rotten_tomatoes", seed=seed),
@@ -33,7 +35,10 @@ def _loaders() -> dict[str, Callable[[int, str | None], Task]]:
         "sst2": lambda seed, data_dir: sst2.load(seed=seed, data_dir=data_dir),
         "wsc": lambda seed, data_dir: wsc.load(seed=seed, data_dir=data_dir),
         "winogrande": lambda seed, data_dir: winogrande.load("xl", seed=seed, data_dir=data_dir),
+        "copa": lambda seed, data_dir: copa.load(seed=seed, data_dir=data_dir),
     }
+    for name in superglue.TASKS:
+        loaders[name] = lambda seed, data_dir, name=name: superglue.load(name, seed=seed, data_dir=data_dir)
     for size in winogrande.SIZES:
         loaders[f"winogrande_{size}"] = lambda seed, data_dir, size=size: winogrande.load(size, seed=seed, data_dir=data_dir)
     return loaders
