@@ -78,7 +78,8 @@ def smollm2_shaped() -> torch.nn.Module:
 
 
 def load(name: str, method: str) -> torch.nn.Module:
-    from hybridft.engine.methods import USES_ADAPTER, lora_config, wrap
+    from hybridft.engine.adapters import lora_config, wrap
+    from hybridft.engine.methods import USES_ADAPTER
     from hybridft.data.models import load_classifier
 
     if name == "smollm2":

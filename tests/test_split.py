@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+from peft.utils.constants import DUMMY_TARGET_MODULES
 
 from hybridft.engine.methods import assign
 from hybridft.engine.split import Partition, canonical_name, check, split
-from tests.conftest import tiny_bert
+from tests.conftest import tiny_bert, tiny_causal_lm
 
 
 def _configs():
@@ -19,6 +20,8 @@ def _configs():
         "ia3": IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"],
                          modules_to_save=["classifier"]),
         "prompt": PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4),
+        "prefix": PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4),
+        "none": LoraConfig(target_modules=DUMMY_TARGET_MODULES, modules_to_save=["classifier"]),  # --peft none
     }
 
 
@@ -36,6 +39,26 @@ def test_partition_is_disjoint_complete_and_matches_what_peft_trains(name):
     plain = {n for n, _ in tiny_bert().named_parameters()}
     assert set(partition.base) <= plain
     assert "bert.embeddings.word_embeddings.weight" in partition.base
+
+
+def assert_disjoint_and_complete(model, partition: Partition) -> None:
+    groups = [set(g.values()) for g in (partition.base, partition.adapter, partition.inactive)]
+    assert set().union(*groups) == set(model.parameters())
+    assert sum(len(g) for g in groups) == len(set(model.parameters()))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["ia3", "prompt", "prefix"])
+def test_causal_lm_virtual_tokens_and_ia3_vectors_are_adapter_parameters(kind, family):
+    config = {"ia3": IA3Config(), "prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
+              "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)}[kind]
+    model = get_peft_model(tiny_causal_lm(family, vocab_size=64), config)
+    partition = split(model)
+    assert_disjoint_and_complete(model, partition)
+    assert set(partition.adapter.values()) == {p for p in model.parameters() if p.requires_grad}
+    assert all(("ia3_l" if kind == "ia3" else "prompt_encoder") in name for name in partition.adapter)
+    assert set(partition.base) == {n for n, _ in tiny_causal_lm(family, vocab_size=64).named_parameters()}
+    assert not partition.inactive
 
 
 def test_shadowed_head_original_is_inactive_not_base():

@@ -40,10 +40,17 @@ class Formulation(Protocol):
 
     def predict(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
+    def items(self, batch: Batch) -> int: ...  # the terms ``loss`` averages (gradient accumulation weighs by them)
+
 
 def head_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The model's own mean cross-entropy of ``batch["labels"]``: one forward."""
     return model(**batch).loss
+
+
+def example_count(batch: Batch) -> int:
+    """The examples of ``batch``: the terms a head's mean cross-entropy averages."""
+    return int(batch["labels"].shape[0])
 
 
 def head_prediction(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -74,6 +81,7 @@ class SequenceClassification:
 
     loss = staticmethod(head_loss)
     predict = staticmethod(head_prediction)
+    items = staticmethod(example_count)
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ class MultipleChoice:
 
     loss = staticmethod(head_loss)
     predict = staticmethod(head_prediction)
+    items = staticmethod(example_count)
 
 
 def formulation(task: Task, kind: str, *, max_length: int | None = None, score: str = "mean") -> Formulation:

@@ -127,9 +127,14 @@ class CandidateScoring:
         input_ids, mask, target = batch["input_ids"][rows, :width], mask[:, :width], batch["target_mask"][rows, :width]
         return model(input_ids=input_ids, attention_mask=mask, labels=input_ids.masked_fill(~target, -100)).loss
 
+    def items(self, batch: Batch) -> int:
+        """The continuation tokens of the correct candidates: the terms ``loss`` averages."""
+        return int(batch["target_mask"][self.correct_rows(batch)].sum())
+
     def scores(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(B, C) candidate log-likelihoods (summed, or averaged over tokens when length-normalised)."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1] : -1]  # prompt tuning: virtual tokens first
         target = batch["target_mask"][:, 1:]
         if "candidate_ids" in batch:  # the position before each row's label word predicts every candidate
             return torch.log_softmax(logits[target].float(), dim=-1).gather(-1, batch["candidate_ids"])

@@ -7,6 +7,9 @@
 | zo-lora | yes          | adapter + task head   | -                              |
 | fo-full | no           | -                     | all weights                    |
 | zo-full | no           | all weights (MeZO)    | -                              |
+
+The adapter is LoRA unless chosen otherwise (IA3, prompt or prefix tuning, none: the task head
+alone, or a peft config file): ``hybridft.engine.adapters``.
 """
 
 from __future__ import annotations
@@ -36,26 +39,6 @@ class Groups:
     zo: dict[str, nn.Parameter]
     fo: dict[str, nn.Parameter]
     frozen: dict[str, nn.Parameter]
-
-
-def lora_config(
-    *, r: int, alpha: int, dropout: float, target_modules: Sequence[str] | str | None, head_modules: Sequence[str]
-) -> object:
-    """A LoRA config; ``head_modules`` (new, randomly initialised weights) are trained in full."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                      modules_to_save=list(head_modules) or None)
-
-
-def wrap(model: nn.Module, peft_config: object) -> nn.Module:
-    """Apply a peft config; a target pattern that matches no module is a one-line ValueError."""
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, peft_config)
-    except ValueError as error:
-        raise ValueError(f"peft could not wrap the model: {str(error).splitlines()[0]}") from error
 
 
 def assign(method: str, model: nn.Module) -> Groups:

@@ -32,11 +32,19 @@ from hybridft.engine.directions import Directions, reads_rows_only
 from hybridft.engine.zo import Distribution
 
 
+PARAMETER_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
 def owners(module: nn.Module, keys: Mapping[nn.Parameter, int]) -> dict[nn.Module, list[nn.Parameter]]:
-    """The modules that directly own at least one of ``keys``' parameters, and which ones."""
+    """The modules whose forward reads ``keys``' parameters, and which ones: the module holding a
+    parameter, or the module holding its parameter container (``nn.ParameterDict``, e.g. peft's
+    IA3 vectors), since a container's own forward never runs."""
     owned: dict[nn.Module, list[nn.Parameter]] = {}
     for sub in module.modules():
-        params = [p for p in sub._parameters.values() if p is not None and p in keys]
+        if isinstance(sub, PARAMETER_CONTAINERS):
+            continue
+        holders = [sub, *(child for child in sub.children() if isinstance(child, PARAMETER_CONTAINERS))]
+        params = [p for holder in holders for p in holder._parameters.values() if p is not None and p in keys]
         if params:
             owned[sub] = params
     return owned

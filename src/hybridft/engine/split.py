@@ -30,16 +30,29 @@ class Partition:
     inactive: dict[str, nn.Parameter]
 
 
-def canonical_name(name: str) -> str:
+def canonical_name(name: str, prefix: str | None = None) -> str:
     """The name a parameter has in the plain ``transformers`` model, without peft's wrapping:
-    ``base_model.model.bert.x.query.base_layer.weight`` -> ``bert.x.query.weight``."""
-    for prefix in ("base_model.model.", "base_model."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
+    ``base_model.model.bert.x.query.base_layer.weight`` -> ``bert.x.query.weight``. ``prefix``:
+    where that model sits in the peft model (:func:`plain_prefix`); default ``base_model.model.``
+    (a tuner such as LoRA), else ``base_model.``."""
+    for start in (prefix,) if prefix is not None else ("base_model.model.", "base_model."):
+        if name.startswith(start):
+            name = name[len(start) :]
             break
     for segment in PEFT_SEGMENTS:
         name = name.replace(segment, "")
     return name
+
+
+def plain_prefix(model: nn.Module) -> str | None:
+    """Where the plain transformers model sits in the peft model ``model``, found structurally:
+    ``base_model.model.`` under a tuner (LoRA, IA3), ``base_model.`` under prompt learning (where
+    ``base_model.model.`` would cut a Llama's own ``model.``); None if ``model`` is no peft model."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if not callable(get_base_model):
+        return None
+    plain = get_base_model()
+    return next((f"{name}." for name, module in model.named_modules() if module is plain and name), None)
 
 
 def _container(module: nn.Module, dotted: str) -> nn.Module | None:
@@ -103,6 +116,7 @@ def split(model: nn.Module) -> Partition:
     them, so the FO rule owns them.
     """
     active, inactive_peft, shadowed = _peft_owned(model)
+    prefix = plain_prefix(model)
     groups: dict[str, dict[str, nn.Parameter]] = {"base": {}, "adapter": {}, "inactive": {}}
     for name, param in model.named_parameters(remove_duplicate=True):
         if param in active:
@@ -113,7 +127,7 @@ def split(model: nn.Module) -> Partition:
             group = "adapter"
         else:
             group = "base"
-        key = canonical_name(name) if group == "base" else name
+        key = canonical_name(name, prefix) if group == "base" else name
         if key in groups[group]:
             raise ValueError(f"two {group} parameters share the name {key!r}")
         groups[group][key] = param

@@ -13,9 +13,10 @@ from typing import Any
 import yaml
 
 from hybridft.data import yaml12
+from hybridft.engine.adapters import CONFIG_FILE, PEFT_KINDS, adapter_config
 from hybridft.engine.directions import SAMPLERS, direction_sampler
 from hybridft.engine.estimators import ESTIMATORS, estimator
-from hybridft.engine.methods import METHODS, fo_optimizer
+from hybridft.engine.methods import METHODS, USES_ADAPTER, fo_optimizer
 from hybridft.engine.rules import ZOSGD
 from hybridft.engine.schedules import SCHEDULES
 from hybridft.engine.storage import storage_rule
@@ -50,6 +51,7 @@ class TrainConfig:
     steps: int = _f(100, "optimizer steps (ignored when --epochs is set)")
     epochs: float | None = _f(None, "train for this many passes over the training set instead of --steps")
     batch_size: int = _f(16, "examples per step")
+    grad_accum: int = _f(1, "micro-batches of --batch-size examples per step: one step on their union (the gradient and ZO estimate of K x --batch-size examples), with the activation memory of one micro-batch")
     zo_lr: float = _f(1e-6, "learning rate of the ZO group (base weights; adapter for zo-lora)")
     fo_lr: float = _f(2e-3, "learning rate of the FO group (adapter + head; all weights for fo-full)")
     eps: float = _f(1e-3, "ZO perturbation scale")
@@ -61,6 +63,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "LoRA dropout")
     target_modules: str | None = _f("all-linear", "comma-separated module names for LoRA, or all-linear (every linear layer but the output layer; null in a config file: peft's per-architecture choice)")
     modules_to_save: str | None = _f(None, "comma-separated modules trained in full with the adapter, besides the new task head (e.g. pooler)")
+    peft: str = _f("lora", "the adapter of hybrid, fo-lora and zo-lora: lora, ia3, prompt (prompt tuning), prefix (prefix tuning), none (the new task head alone), or a peft config file (adapter_config.json, or its folder)")
+    num_virtual_tokens: int = _f(10, "virtual tokens of --peft prompt and prefix")
     fo_optimizer: str = _f("adamw", "optimizer of the FO group (sgd: plain SGD as in the analysis)", choices=("sgd", "adamw"))
     fo_momentum: float = _f(0.0, "SGD momentum of the FO group (0: plain SGD, as in the analysis)")
     zo_weight_decay: float = _f(0.0, "weight decay of the ZO group")
@@ -126,13 +130,30 @@ class TrainConfig:
         return functools.partial(fo_optimizer, self.fo_optimizer, lr=self.fo_lr, momentum=self.fo_momentum,
                                  weight_decay=self.fo_weight_decay)
 
+    def adapter(self, *, head: str, head_modules: list[str]) -> Any:
+        """The peft config of --peft (with the LoRA or virtual-token flags) for a model loaded with
+        the auto class ``head``, whose new modules ``head_modules`` are trained with the adapter."""
+        if self.peft == "none" and not head_modules:
+            raise ValueError(f"--peft none trains the new task head alone, and this model gets none (a causal LM, or a "
+                             f"checkpoint with its head): --method {self.method} would have no adapter part; use zo-full "
+                             "or fo-full, another --peft, or --modules-to-save")
+        targets: list[str] | str | None = self.target_modules
+        if targets and targets != "all-linear":
+            targets = [n.strip() for n in targets.split(",") if n.strip()]
+        config = adapter_config(self.peft, head=head, head_modules=head_modules, r=self.lora_r, alpha=self.lora_alpha,
+                                dropout=self.lora_dropout, target_modules=targets,
+                                num_virtual_tokens=self.num_virtual_tokens)
+        if self.save_merged and config.is_prompt_learning:
+            raise ValueError(f"--save-merged cannot merge the prompt-learning adapter of {self.peft} into the weights")
+        return config
+
     def validate(self) -> None:
         """Raise ValueError with a one-line message on a value no run can use."""
         check_types(self)
         for name in ("zo_lr", "fo_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("steps", "batch_size", "lora_r", "eval_batch_size",
+        for name in ("steps", "batch_size", "grad_accum", "lora_r", "num_virtual_tokens", "eval_batch_size",
                      "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -144,6 +165,12 @@ class TrainConfig:
             raise ValueError(f"--fused needs a method with both a ZO and an FO part (hybrid), not {self.method}")
         if (self.z_cache or self.embedding_rows) and self.method in ("fo-lora", "fo-full"):
             raise ValueError(f"--z-cache and --embedding-rows need a method with a ZO part, not {self.method}")
+        if self.embedding_rows and self.grad_accum > 1:
+            raise ValueError("--embedding-rows needs --grad-accum 1: the micro-batches of a step read different embedding rows")
+        if self.lr == "auto" and self.grad_accum > 1:
+            raise ValueError("--lr auto measures and advises for steps of one --batch-size batch; with --grad-accum, "
+                             "set --zo-lr, --fo-lr and --eps yourself")
+        check_peft(self)
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
         for name in ("train_size", "dev_size", "test_size", "max_length"):
@@ -156,6 +183,16 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         self.zo_step()
+
+
+def check_peft(config: TrainConfig) -> None:
+    """--peft names a kind or a peft config file; --save-merged only with an adapter that merges."""
+    path = Path(config.peft)
+    if config.peft not in PEFT_KINDS and not (path.is_file() or (path / CONFIG_FILE).is_file()):
+        raise ValueError(f"--peft must be one of {', '.join(PEFT_KINDS)} or a peft config file ({CONFIG_FILE}); "
+                         f"got {config.peft!r}, which is no file")
+    if config.save_merged and config.peft in ("prompt", "prefix") and USES_ADAPTER.get(config.method):
+        raise ValueError(f"--save-merged cannot merge --peft {config.peft} into the weights (virtual tokens are no weight update)")
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}

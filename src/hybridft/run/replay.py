@@ -72,5 +72,9 @@ def load_adapter(model: Any, adapter_dir: Path) -> None:
     if not path.exists():
         raise ValueError(f"{path} is missing: the first-order part of the run (adapter and head) is needed")
     result = set_peft_model_state_dict(model, load_file(str(path)))
-    if result.unexpected_keys:
-        raise ValueError(f"{path} does not fit the model (e.g. {result.unexpected_keys[0]})")
+    # prompt learning: peft loads "prompt_embeddings" into the prompt encoder itself, after
+    # reporting it unexpected by the model's load_state_dict
+    prompt_keys = {"prompt_embeddings"} if getattr(model, "prompt_encoder", None) is not None else set()
+    unexpected = [key for key in result.unexpected_keys if key not in prompt_keys]
+    if unexpected:
+        raise ValueError(f"{path} does not fit the model (e.g. {unexpected[0]})")

@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 
 from hybridft.data import evaluate
 from hybridft.run import checkpoint, disk, distributed, export, lock, stop
+from hybridft.run.closure import step_closure
 from hybridft.run.output import LOGS, check_output_dir, log, open_logs, prepare_output_dir
 from hybridft.run.config import TrainConfig
-from hybridft.data.formulations import Formulation, formulation, head_loss
-from hybridft.engine.methods import USES_ADAPTER, Groups, assign, build_optimizer, lora_config, wrap
+from hybridft.data.formulations import Formulation, formulation
+from hybridft.engine.adapters import wrap
+from hybridft.engine.methods import USES_ADAPTER, Groups, assign, build_optimizer
 from hybridft.data.models import context_length, load, model_kind, resolve
 from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.sampler import ReshufflingSampler
@@ -89,10 +91,11 @@ class Run:
 
 
 def total_steps(config: TrainConfig, n_train: int, ranks: int = 1) -> int:
-    """--steps, or --epochs worth of mini-batches (of ``ranks`` x --batch-size) when epochs are given."""
+    """--steps, or --epochs worth of steps (of ``ranks`` x --grad-accum x --batch-size examples) when
+    epochs are given."""
     if config.epochs is None:
         return config.steps
-    return max(1, math.ceil(config.epochs * math.ceil(n_train / (config.batch_size * ranks))))
+    return max(1, math.ceil(config.epochs * math.ceil(n_train / (config.batch_size * config.grad_accum * ranks))))
 
 
 def names(comma_separated: str | None) -> list[str]:
@@ -107,7 +110,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_model(config: TrainConfig, task: Task, *, adapter: bool = True) -> tuple[torch.nn.Module, Any, Formulation]:
-    """The model with the head ``task`` needs on it (wrapped with the LoRA adapter when the
+    """The model with the head ``task`` needs on it (wrapped with the --peft adapter when the
     method uses one and ``adapter``), its tokenizer, and the task's formulation for it."""
     kind = config.model_kind
     if kind == "auto":
@@ -117,12 +120,7 @@ def build_model(config: TrainConfig, task: Task, *, adapter: bool = True) -> tup
                   cache_dir=config.cache_dir, dtype=config.dtype)
     if not (adapter and USES_ADAPTER[config.method]):
         return loaded.model, loaded.tokenizer, posed
-    targets: list[str] | str | None = config.target_modules
-    if targets and targets != "all-linear":
-        targets = names(targets)
-    heads = loaded.head_modules + names(config.modules_to_save)
-    peft_config = lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                              target_modules=targets, head_modules=heads)
+    peft_config = config.adapter(head=posed.head, head_modules=loaded.head_modules + names(config.modules_to_save))
     return wrap(loaded.model, peft_config), loaded.tokenizer, posed
 
 
@@ -152,7 +150,7 @@ def build(config: TrainConfig, *, resolve_lr: ResolveLr | None = None) -> Run:
 
     task = load_task(config.task, seed=config.seed, data_dir=config.data_dir)
     train_set, dev_set, test_set = splits(config, task)
-    sampler = distributed.shard_sampler(len(train_set), config.batch_size, world, seed=config.seed,
+    sampler = distributed.shard_sampler(len(train_set), config.batch_size * config.grad_accum, world, seed=config.seed,
                                         replacement=config.sampler == "replacement")
     model, tokenizer, posed = build_model(config, task)
     posed = fit_context(posed, context_length(model, tokenizer))
@@ -184,26 +182,6 @@ def fit_context(posed: Formulation, context: int | None) -> Formulation:
     return dataclasses.replace(posed, max_length=context)  # type: ignore[type-var]
 
 
-def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                 loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = head_loss,
-                 *, fused: bool = False) -> Callable[[], torch.Tensor]:
-    """The closure ``HybridOptimizer.step`` calls: the batch ``loss`` (the formulation's), with
-    backward only when grad is enabled (the FO evaluation). ZO evaluations run in eval mode, so
-    +eps and -eps see the same function (no dropout noise in the difference); ``fused``: the FO
-    pass is one of them, so all run in train mode (the optimizer replays the RNG so that dropout
-    masks agree)."""
-
-    def closure() -> torch.Tensor:
-        model.train(torch.is_grad_enabled() or fused)
-        optimizer.zero_grad()
-        value = loss(model, batch)
-        if torch.is_grad_enabled():
-            value.backward()
-        return value.detach()
-
-    return closure
-
-
 def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
     """One optimizer step and one scheduler step on the mini-batch ``indices`` (this rank's slice
     of it, with several ranks); its metrics."""
@@ -211,7 +189,8 @@ def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
     parallel = run.data_parallel
     sent, waited = (dict(parallel.sent), parallel.seconds) if parallel else ({}, 0.0)
     reduce = parallel.reducer(len(indices)) if parallel else None
-    closure = loss_closure(run.model, run.optimizer, run.batch(indices), run.formulation.loss, fused=run.config.fused)
+    closure = step_closure(run.model, run.optimizer, run.formulation, run.batch, indices,
+                           grad_accum=run.config.grad_accum, fused=run.config.fused)
     loss = float(run.optimizer.step(closure, reduce=reduce))
     run.lr_scheduler.step()
     update = run.optimizer.last_update
