@@ -54,6 +54,7 @@ ROWS = {
     "zo-full layer-subset 0.25": ("zo-full", {"zo_directions": "layer-subset", "zo_layer_fraction": 0.25}, 0, 2),
     "zo-full layer-subset 0.25+rows+cache": ("zo-full", {"zo_directions": "layer-subset", "zo_layer_fraction": 0.25,
                                                           "embedding_rows": True, "z_cache": True, "threads": 2}, 0, 2),
+    "zo-full magnitude-mask 0.25": ("zo-full", {"zo_directions": "magnitude-mask", "zo_mask_fraction": 0.25}, 0, 2),
     "zo-full fzoo q4": ("zo-full", {"zo_estimator": "fzoo", "num_directions": 4, "distribution": "rademacher"}, 0, 5),
     "hybrid fused low-rank r2+rows": ("hybrid", {"fused": True, "zo_directions": "low-rank", "zo_rank": 2,
                                                   "embedding_rows": True}, 1, 1),

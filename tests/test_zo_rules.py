@@ -11,10 +11,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hybridft.engine.directions import LayerSubsetSampler, LowRankSampler, active_keys, block_of
+from hybridft.engine.directions import LayerSubsetSampler, LowRankSampler, MagnitudeMaskSampler, active_keys, block_of
 from hybridft.engine.methods import assign, build_optimizer
 from hybridft.engine.rules import replay_
-from hybridft.engine.zo import HyperparameterError, direction
+from hybridft.engine.zo import HyperparameterError, direction, magnitude_mask
 from hybridft.run import zo_log
 from tests.conftest import sgd, tiny_bert, zo_step
 from tests.test_optim import closure_for
@@ -29,6 +29,10 @@ RULES = {
     "layer-subset-cache-rows": {"zo_directions": "layer-subset", "zo_layer_fraction": 0.34, "z_cache": True,
                                 "embedding_rows": True},
     "fzoo": {"zo_estimator": "fzoo", "num_directions": 3, "distribution": "rademacher"},
+    "magnitude-mask": {"zo_directions": "magnitude-mask", "zo_mask_fraction": 0.3, "num_directions": 2,
+                       "zo_weight_decay": 0.1},
+    "magnitude-mask-fused-cache-rows": {"zo_directions": "magnitude-mask", "zo_mask_fraction": 0.5, "fused": True,
+                                        "z_cache": True, "embedding_rows": True},
 }
 
 
@@ -120,6 +124,7 @@ def test_resume_through_state_dict_is_exact_for_the_rules():
 @pytest.mark.parametrize("make,name", [
     (lambda: LowRankSampler(rank=0), "rank"), (lambda: LowRankSampler(v_every=0), "v_every"),
     (lambda: LayerSubsetSampler(fraction=0.0), "fraction"), (lambda: LayerSubsetSampler(fraction=1.5), "fraction"),
+    (lambda: MagnitudeMaskSampler(fraction=0.0), "mask_fraction"),
 ])
 def test_rule_hyperparameters_are_checked_where_made(make, name):
     with pytest.raises(HyperparameterError) as error:
@@ -132,3 +137,21 @@ def test_plain_log_lines_keep_their_old_fields():
     opt.step(closure_for(model, opt, batch(0)))
     assert set(__import__("json").loads(zo_log.to_json(opt.last_update))) == {
         "step", "seeds", "projected_grads", "lr", "weight_decay", "distribution", "z_dtype", "rows", "rounding"}
+
+
+def test_magnitude_mask_keeps_the_smallest_fraction_of_each_tensor():
+    w = torch.tensor([[0.5, -0.1, 2.0], [-3.0, 0.05, 0.2]])
+    assert magnitude_mask(w, 0.5).tolist() == [[False, True, False], [False, True, True]]
+    assert magnitude_mask(w, 1.0).all() and magnitude_mask(w, 1e-9).sum() == 1
+
+
+def test_a_magnitude_mask_step_moves_only_the_small_weights_of_each_tensor():
+    model, groups, opt = hybrid(zo_directions="magnitude-mask", zo_mask_fraction=0.3)
+    for step in range(3):
+        before = {n: p.detach().clone() for n, p in groups.zo.items()}
+        opt.step(closure_for(model, opt, batch(step)))
+        for n, p in groups.zo.items():
+            moved = p != before[n]
+            assert not (moved & ~magnitude_mask(before[n], 0.3)).any(), n  # only masked-in weights move
+            if p.numel() > 1000:
+                assert moved.float().mean() > 0.2, n  # and most of them do

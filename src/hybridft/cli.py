@@ -31,7 +31,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
                         "num_virtual_tokens"),
     "ZO rule": ("eps", "num_directions", "one_sided", "distribution", "fused", "z_cache", "zo_rounding", "z_dtype",
                 "embedding_rows", "zo_threads", "zo_weight_decay", "zo_estimator", "zo_directions", "zo_rank",
-                "zo_v_every", "zo_layer_fraction"),
+                "zo_v_every", "zo_layer_fraction", "zo_mask_fraction"),
     "FO optimizer": ("fo_optimizer", "fo_momentum", "fo_weight_decay"),
     "learning rates and schedules": ("zo_lr", "fo_lr", "lr", "smoothness", "zo_schedule", "fo_schedule",
                                      "warmup_steps"),

@@ -34,7 +34,7 @@ from torch import nn
 
 from hybridft.engine.rng import generator, step_seed
 from hybridft.engine.zo import (DISTRIBUTIONS, Z_DTYPES, Distribution, HyperparameterError, LowRank, ZDtype, direction,
-                                direction_rows)
+                                direction_rows, magnitude_mask)
 
 T = TypeVar("T")
 
@@ -69,6 +69,8 @@ class Directions:
         cache: bool = False,
         low_rank: LowRank | None = None,
         active: frozenset[int] | None = None,
+        mask_fraction: float | None = None,
+        masks: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.seed = seed
         self.distribution: Distribution = distribution
@@ -78,6 +80,17 @@ class Directions:
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
         self.low_rank = low_rank  # (rank, V seed): low-rank z for 2-D weights
         self.active = active  # the keys this step perturbs and updates (None: all)
+        self.mask_fraction = mask_fraction  # z masked to each tensor's smallest-magnitude values
+        self.masks = {} if masks is None else masks  # key -> mask, shared by a step's directions
+
+    def mask(self, param: torch.Tensor, key: int) -> torch.Tensor | None:
+        """This step's magnitude mask of ``param`` (None without one), computed at its first use,
+        when ``param`` holds the step's unperturbed weights, and kept for the step."""
+        if self.mask_fraction is None:
+            return None
+        if key not in self.masks:
+            self.masks[key] = magnitude_mask(param, self.mask_fraction)
+        return self.masks[key]
 
     def draw(self, param: torch.Tensor, key: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``zo.direction`` with this direction's seed and options."""
@@ -98,6 +111,9 @@ class Directions:
             return self.cache[key]
         rows = self.rows.get(key, param.new_empty(0, dtype=torch.long)) if key in self.row_keys else None
         z = self.draw(param, key, rows)
+        mask = self.mask(param, key)
+        if mask is not None:
+            z.masked_fill_(~(mask if rows is None else mask[rows]), 0)
         if self.cache is not None:
             self.cache[key] = z
         return z
@@ -109,8 +125,10 @@ class Directions:
             self.record_rows(key, rows)
             return self.z(param, key)
         if self.cache is None:
-            return direction_rows(param, rows, seed=self.seed, key=key, distribution=self.distribution, dtype=self.dtype,
-                                  low_rank=self.low_rank)
+            z = direction_rows(param, rows, seed=self.seed, key=key, distribution=self.distribution, dtype=self.dtype,
+                               low_rank=self.low_rank)
+            mask = self.mask(param, key)
+            return z if mask is None else z.masked_fill_(~mask[rows], 0)
         return self.z(param, key)[rows]
 
     def fill_cache(self, keys: Mapping[nn.Parameter, int], threads: int = 1) -> None:
@@ -168,9 +186,10 @@ class DirectionSampler:
         batch rows shared); with ``cache``, full-support slices are generated now. ``names``:
         key -> canonical parameter name (for samplers that choose by name)."""
         rows: dict[int, torch.Tensor] = {}
+        masks: dict[int, torch.Tensor] = {}
         directions = [Directions(step_seed(seed, step, i), distribution=self.distribution, dtype=self.z_dtype,
-                                 row_keys=row_keys, rows=rows, cache=self.cache, **self._options(seed, step, i, names))
-                      for i in range(num_directions)]
+                                 row_keys=row_keys, rows=rows, cache=self.cache, masks=masks,
+                                 **self._options(seed, step, i, names)) for i in range(num_directions)]
         if self.cache:
             for d in directions:
                 d.fill_cache(keys, self.threads)
@@ -238,7 +257,32 @@ def active_keys(names: Mapping[int, str], fraction: float, seed: int) -> frozens
 
 
 _UNIT_SALT = 0x1E_20_B1_0C
-SAMPLERS = ("dense", "low-rank", "layer-subset")
+SAMPLERS = ("dense", "low-rank", "layer-subset", "magnitude-mask")
+
+
+@dataclass(frozen=True)
+class MagnitudeMaskSampler(DirectionSampler):
+    """Sparse-MeZO's directions (Liu et al. 2024, arXiv 2402.15751): z of each ZO tensor is
+    masked to the ``fraction`` of its values smallest in magnitude (``zo.magnitude_mask`` of the
+    weights at the start of the step), so only those are perturbed and updated. Cost per step:
+    the dense rule's generation plus one selection per tensor; memory: one bool per ZO weight
+    for the step. The mask is a function of the weights, so replay re-derives it."""
+
+    fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0 < self.fraction <= 1):
+            raise HyperparameterError("mask_fraction", f"must be in (0, 1], got {self.fraction}")
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "sampler": "MagnitudeMaskSampler", "fraction": self.fraction}
+
+    def log_fields(self, directions: Sequence[Directions]) -> dict[str, Any]:
+        return {**super().log_fields(directions), "mask_fraction": self.fraction}
+
+    def _options(self, seed: int, step: int, i: int, names: Mapping[int, str] | None) -> dict[str, Any]:
+        return {"mask_fraction": self.fraction}
 
 
 @dataclass(frozen=True)
@@ -294,7 +338,7 @@ def input_embedding_key(module: nn.Module, keys: Mapping[nn.Parameter, int]) -> 
 
 
 def direction_sampler(kind: str = "dense", *, rank: int = 2, v_every: int = 1, fraction: float = 0.25,
-                      **common: Any) -> DirectionSampler:
+                      mask_fraction: float = 0.25, **common: Any) -> DirectionSampler:
     """The sampler the flag ``--zo-directions`` names (``common``: DirectionSampler's fields)."""
     if kind == "dense":
         return DirectionSampler(**common)
@@ -302,4 +346,6 @@ def direction_sampler(kind: str = "dense", *, rank: int = 2, v_every: int = 1, f
         return LowRankSampler(**common, rank=rank, v_every=v_every)
     if kind == "layer-subset":
         return LayerSubsetSampler(**common, fraction=fraction)
+    if kind == "magnitude-mask":
+        return MagnitudeMaskSampler(**common, fraction=mask_fraction)
     raise HyperparameterError("directions", f"must be one of {', '.join(SAMPLERS)}; got {kind!r}")

@@ -22,7 +22,7 @@ import torch
 from hybridft.engine.directions import active_keys
 from hybridft.engine.rng import parameter_key
 from hybridft.engine.storage import StorageRule, storage_rule
-from hybridft.engine.zo import HyperparameterError, ZOUpdate, add_direction_, direction, direction_blocks
+from hybridft.engine.zo import HyperparameterError, ZOUpdate, add_direction_, direction, direction_blocks, magnitude_mask
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,19 @@ class ZOSGD:
         do not apply), plus what the storage rule needs."""
         rows = update.rows_of(key, param.device)
         only_rows = rows is not None and not update.weight_decay  # then no other row changes
+        # The magnitude mask of the weights before this update (a cached z is masked already).
+        mask = magnitude_mask(param, update.mask_fraction) if update.mask_fraction < 1 and z_of is None else None
 
         def apply(target: torch.Tensor, compact: bool) -> None:
-            _sgd_(target, param, key=key, update=update, z_of=z_of, rows=rows, compact=compact)
+            _sgd_(target, param, key=key, update=update, z_of=z_of, rows=rows, compact=compact, mask=mask)
 
         (storage or storage_rule(update.rounding)).store_(param, apply, seed=update.seeds[0], key=key,
                                              rows=rows if only_rows else None)
 
 
 def _sgd_(target: torch.Tensor, param: torch.Tensor, *, key: int, update: ZOUpdate,
-          z_of: Callable[[int], torch.Tensor] | None, rows: torch.Tensor | None, compact: bool) -> None:
+          z_of: Callable[[int], torch.Tensor] | None, rows: torch.Tensor | None, compact: bool,
+          mask: torch.Tensor | None = None) -> None:
     """target <- target * (1 - lr wd) - lr/q sum_i g_i z_i, with z drawn as for ``param`` (the
     directions the perturbed forwards used; ``rows``: ``update.rows_of(key)``); ``target`` is
     ``param`` or a float32 copy of it, or with ``compact`` a float32 copy of ``rows`` (no weight decay)."""
@@ -75,6 +78,8 @@ def _sgd_(target: torch.Tensor, param: torch.Tensor, *, key: int, update: ZOUpda
             z = z_of(i) if z_of is not None else direction(
                 param, seed=seed, key=key, distribution=update.distribution, dtype=update.z_dtype, rows=rows,
                 low_rank=update.low_rank(i))
+            if mask is not None:
+                z.masked_fill_(~(mask if rows is None else mask[rows]), 0)
             if compact:
                 target.add_(z.to(target.dtype), alpha=alpha)
             else:
@@ -82,6 +87,8 @@ def _sgd_(target: torch.Tensor, param: torch.Tensor, *, key: int, update: ZOUpda
         else:
             for start, z in direction_blocks(param, seed=seed, key=key, distribution=update.distribution,
                                              dtype=update.z_dtype, low_rank=update.low_rank(i)):
+                if mask is not None:
+                    z.masked_fill_(~mask[start : start + len(z)], 0)
                 target[start : start + len(z)].add_(z, alpha=alpha)
 
 

@@ -28,8 +28,9 @@ import torch
 
 from hybridft.engine.rng import generator, parameter_key, step_seed
 
-__all__ = ["DISTRIBUTIONS", "ROUNDINGS", "Z_DTYPES", "Distribution", "HyperparameterError", "LowRank", "Rounding", "ZDtype", "ZOUpdate", "add_direction_", "direction",
-           "direction_blocks", "direction_rows", "parameter_key", "perturb_", "projected_grad", "step_seed"]
+__all__ = ["DISTRIBUTIONS", "ROUNDINGS", "Z_DTYPES", "Distribution", "HyperparameterError", "LowRank", "Rounding",
+           "ZDtype", "ZOUpdate", "add_direction_", "direction", "direction_blocks", "direction_rows", "magnitude_mask",
+           "parameter_key", "perturb_", "projected_grad", "step_seed"]
 
 Distribution = Literal["gaussian", "rademacher"]
 DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
@@ -85,6 +86,17 @@ def direction(
         return z.mul_(1.0 / math.sqrt(rank)).to(like.dtype)
     shape = like.shape if rows is None else (len(rows), *like.shape[1:])
     return _draw(shape, seed ^ key, distribution, draw_dtype, like.device).to(like.dtype)
+
+
+def magnitude_mask(param: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Sparse-MeZO's mask: True on the ``fraction`` of ``param``'s values smallest in magnitude
+    (|w| <= the k-th smallest |w|, k = ceil(fraction * numel); ties at the threshold included).
+    A function of the values alone, so replay re-derives it from the weights at that step.
+    Cost: one selection over the values; memory: one bool per value."""
+    magnitudes = param.detach().abs()
+    k = max(1, math.ceil(fraction * magnitudes.numel()))
+    threshold = magnitudes.flatten().kthvalue(k).values
+    return magnitudes <= threshold
 
 
 def _draw(shape: torch.Size | tuple[int, ...], seed: int, distribution: Distribution, dtype: torch.dtype,
@@ -191,6 +203,8 @@ class ZOUpdate:
     written before the field existed rounded to nearest. ``rank`` > 0: 2-D weights had low-rank
     z of that rank, V drawn from ``v_seeds[i]``. ``layer_fraction`` < 1: only the blocks
     ``directions.active_keys`` derives from seeds[0] and the parameter names were touched.
+    ``mask_fraction`` < 1: z of each tensor was masked to its smallest-magnitude values
+    (``magnitude_mask`` of the weights before the update).
     """
 
     step: int
@@ -205,6 +219,7 @@ class ZOUpdate:
     rank: int = 0
     v_seeds: tuple[int, ...] = ()
     layer_fraction: float = 1.0
+    mask_fraction: float = 1.0
 
     def low_rank(self, i: int) -> LowRank | None:
         """Direction i's (rank, V seed) for 2-D weights, or None for dense z."""

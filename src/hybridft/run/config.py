@@ -26,7 +26,8 @@ from hybridft.engine.zo import DISTRIBUTIONS, ROUNDINGS, Z_DTYPES, Hyperparamete
 ZO_FLAGS = {"eps": "--eps", "num_directions": "--num-directions", "distribution": "--distribution",
             "z_dtype": "--z-dtype", "threads": "--zo-threads", "weight_decay": "--zo-weight-decay",
             "rounding": "--zo-rounding", "estimator": "--zo-estimator", "directions": "--zo-directions",
-            "fused": "--fused", "rank": "--zo-rank", "v_every": "--zo-v-every", "fraction": "--zo-layer-fraction"}
+            "fused": "--fused", "rank": "--zo-rank", "v_every": "--zo-v-every", "fraction": "--zo-layer-fraction",
+            "mask_fraction": "--zo-mask-fraction"}
 
 MODEL_KINDS = ("auto", "encoder", "causal")
 DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
@@ -82,10 +83,11 @@ class TrainConfig:
     embedding_rows: bool = _f(False, "perturb and update only the input-embedding rows of the batch's tokens (untied embeddings; docs/step_cost.md)")
     zo_threads: int = _f(1, "threads generating z in parallel across parameters (update and z-cache passes; same z)")
     zo_estimator: str = _f("spsa", "ZO estimator: spsa (finite differences, --one-sided/--fused) or fzoo (--num-directions >= 2 one-sided probes normalised by the std of their losses; docs/zo_rules.md)", choices=ESTIMATORS)
-    zo_directions: str = _f("dense", "ZO directions: dense (MeZO's), low-rank (LOZO: z = U V^T per 2-D weight, --zo-rank) or layer-subset (LeZO: a random --zo-layer-fraction of the blocks per step); docs/zo_rules.md", choices=SAMPLERS)
+    zo_directions: str = _f("dense", "ZO directions: dense (MeZO's), low-rank (LOZO: z = U V^T per 2-D weight, --zo-rank) layer-subset (LeZO: a random --zo-layer-fraction of the blocks per step) or magnitude-mask (Sparse-MeZO: each tensor's --zo-mask-fraction smallest weights); docs/zo_rules.md", choices=SAMPLERS)
     zo_rank: int = _f(2, "rank r of low-rank directions (--zo-directions low-rank)")
     zo_v_every: int = _f(1, "keep V of low-rank directions for this many steps (LOZO's lazy V)")
     zo_layer_fraction: float = _f(0.25, "fraction of the blocks perturbed per step (--zo-directions layer-subset)")
+    zo_mask_fraction: float = _f(0.25, "fraction of each tensor's weights, the smallest in magnitude, perturbed and updated (--zo-directions magnitude-mask)")
     sampler: str = _f("reshuffle", "mini-batch sampling", choices=("reshuffle", "replacement"))
     max_length: int | None = _f(None, "tokens per input, longer inputs are truncated (default: the task's: 64 movie reviews, 128 SST-2/WinoGrande/task files, 256 WSC)")
     train_size: int | None = _f(None, "subsample the training split to this many examples")
@@ -117,7 +119,8 @@ class TrainConfig:
             return {"estimator": estimator(eps=self.eps, num_directions=self.num_directions, one_sided=self.one_sided,
                                            fused=self.fused, kind=self.zo_estimator),
                     "directions": direction_sampler(self.zo_directions, rank=self.zo_rank, v_every=self.zo_v_every,
-                                                    fraction=self.zo_layer_fraction, distribution=self.distribution,
+                                                    fraction=self.zo_layer_fraction, mask_fraction=self.zo_mask_fraction,
+                                                    distribution=self.distribution,
                                                     z_dtype=self.z_dtype, cache=self.z_cache,
                                                     embedding_rows=self.embedding_rows, threads=self.zo_threads),
                     "rule": ZOSGD(weight_decay=self.zo_weight_decay),

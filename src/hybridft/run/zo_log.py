@@ -22,7 +22,7 @@ LOG = "zo_updates.jsonl"
 
 # Fields a rule adds to the log only when it is used (their defaults mean plain ZO-SGD directions),
 # so a plain run's lines are those written before the rules existed.
-_OPTIONAL = {f.name: f.default for f in dataclasses.fields(ZOUpdate) if f.name in ("rank", "v_seeds", "layer_fraction")}
+_OPTIONAL = {f.name: f.default for f in dataclasses.fields(ZOUpdate) if f.name in ("rank", "v_seeds", "layer_fraction", "mask_fraction")}
 
 
 def to_json(update: ZOUpdate) -> str:
