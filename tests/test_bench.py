@@ -294,3 +294,53 @@ def test_sigterm_to_the_bench_stops_the_running_cell_at_a_checkpoint_then_the_be
     assert bench.stderr.read().strip().splitlines()[-1] == (f"bench stopped: cell {cell.relative_to(needle)} stopped by SIGTERM at its "
                                                             "last checkpoint; run the same hybridft bench command to continue")
     assert not (tmp_path / "out" / ".lock").exists() and not (cell / ".lock").exists()
+
+
+def test_variants_run_as_their_method_with_their_settings_and_pair_against_the_reference(bench_file, tmp_path):
+    spec = yaml.safe_load(bench_file.read_text()) | {
+        "output_dir": str(tmp_path / "out"), "methods": ["fo-lora", "hybrid", "hybrid-lowrank"], "reference": "fo-lora",
+        "variants": {"hybrid-lowrank": {"method": "hybrid", "zo-directions": "low-rank", "zo-rank": 1}},
+        "per_method": {"hybrid": {"z-cache": True}}}
+    spec["train"] |= {"steps": 2, "eval-every": 0}
+    bench = load_bench_spec(spec, tmp_path)
+    variant = cell_config(bench, Cell(bench.models[0], "rotten_tomatoes", "hybrid-lowrank", 0, ((("zo_lr", 1e-3),))), tmp_path)
+    plain = cell_config(bench, Cell(bench.models[0], "rotten_tomatoes", "hybrid", 0, ()), tmp_path)
+    assert (variant.method, variant.zo_directions, variant.zo_rank, variant.z_cache) == ("hybrid", "low-rank", 1, True)
+    assert (plain.zo_directions, plain.z_cache) == ("dense", True)
+    assert lr_points(bench, "hybrid-lowrank") == lr_points(bench, "hybrid")  # a variant without a grid uses its method's
+    root = run_bench(bench, progress=False)
+    ran = json.loads((root / "cells" / Cell(bench.models[0], "rotten_tomatoes", "hybrid-lowrank", 1,
+                                             best_point(bench, root, bench.models[0], "rotten_tomatoes", "hybrid-lowrank")).name
+                      / "config.json").read_text())
+    assert (ran["method"], ran["zo_directions"], ran["zo_rank"]) == ("hybrid", "low-rank", 1)
+    rows = {r["method"]: r for r in json.loads((root / "results.json").read_text())}
+    assert rows["fo-lora"]["paired"] is None and set(rows) == {"fo-lora", "hybrid", "hybrid-lowrank"}
+    for method in ("hybrid", "hybrid-lowrank"):
+        p = rows[method]["paired"]
+        expected = [rows[method]["per_seed"][str(s)] - rows["fo-lora"]["per_seed"][str(s)] for s in (0, 1)]
+        assert p["against"] == "fo-lora" and p["seeds"] == [0, 1] and p["differences"] == pytest.approx(expected)
+    assert "Paired by seed against fo-lora" in (root / "results.md").read_text()
+    spec["variants"]["hybrid-lowrank"]["zo-rank"] = 2  # a variant whose cells ran may not change
+    load_bench_spec(spec, tmp_path)
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml"), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"variants": {"hybrid": {"method": "hybrid"}}}, "variants.hybrid: a variant needs"),
+    ({"variants": {"h2": {"method": "hybrd"}}}, "variants.h2: a variant needs"),
+    ({"variants": {"h2": {"method": "hybrid", "zo-rnk": 2}}}, "variants.h2: unknown"),
+    ({"reference": "fo-full"}, "reference: fo-full is not among"),
+    ({"reference": "nope"}, "reference: unknown method"),
+])
+def test_bad_variants_and_references_are_refused(bench_file, tmp_path, change, message):
+    spec = yaml.safe_load(bench_file.read_text()) | {"methods": ["hybrid", "fo-lora"]} | change
+    with pytest.raises(ValueError, match=message):
+        load_bench_spec(spec, tmp_path)
+
+
+def test_interval95_is_the_t_interval():
+    from hybridft.study.report import interval95
+
+    low, high = interval95([1.0, 2.0, 3.0])  # mean 2, standard error 1/sqrt(3), t(2) = 4.303
+    assert (low, high) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+    assert interval95([0.5]) is None

@@ -35,4 +35,4 @@ def test_real_models_train_a_few_steps_on_every_task(model, task, tmp_path):
                          steps=3, threads=2, progress=False, output_dir=str(tmp_path / "run"))
     result = train(config)
     assert result.final_loss == result.final_loss and 0.0 <= result.dev_accuracy_after <= 1.0
-    assert (result.test_accuracy_after is None) == (task == "rotten_tomatoes")
+    assert result.test_accuracy_after is not None and 0.0 <= result.test_accuracy_after <= 1.0

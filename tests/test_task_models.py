@@ -38,7 +38,7 @@ def test_every_task_trains_one_step_on_every_model_kind(family, task, tiny_causa
     assert any(not torch.equal(p, zo_before[k]) for k, p in run.groups.zo.items()), "the base did not move"
     assert all(p.grad is None for p in run.groups.zo.values())
     assert 0.0 <= run.dev_accuracy() <= 1.0
-    assert (run.test_accuracy() is None) == (task == "rotten_tomatoes")
+    assert 0.0 <= run.test_accuracy() <= 1.0
 
 
 @needs_data

@@ -59,10 +59,16 @@ def test_subsample_and_holdout_are_seeded_and_disjoint():
     assert subsample(train, None, 0) == train and subsample(train, 1000, 0) == train
 
 
-def test_movie_review_split_is_unchanged():
+def test_movie_reviews_hold_out_one_test_split_for_every_seed():
     task = load_task("rotten_tomatoes")
-    assert (len(task.train), len(task.dev), task.test, task.max_length) == (7677, 853, [], 64)
-    assert task.train[0].text.startswith("a byzantine melodrama that stimulates")
+    assert (len(task.train), len(task.dev), len(task.test), task.max_length) == (6909, 768, 853, 64)
+    assert task.train[0].text.startswith("the affectionate loopiness that once") and task.test[0].text.startswith("too clunky and too busy ribbing")
+    other = load_task("rotten_tomatoes", seed=1)
+    assert other.test == task.test and other.dev != task.dev  # test is fixed; dev follows the run seed
+    for t in (task, other):
+        texts = [{e.text for e in split} for split in (t.train, t.dev, t.test)]
+        assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+        assert len(t.train) + len(t.dev) + len(t.test) == 8530
 
 
 @needs_data

@@ -134,6 +134,8 @@ def _extends(key: str, old: Any, new: Any) -> bool:
     """Whether ``new`` is ``old`` or an extension of it that leaves every old cell as it was."""
     if key in ("models", "tasks", "methods", "seeds"):
         return set(old) <= set(new) and (key != "seeds" or old[0] == new[0])  # seeds[0] chooses the learning rates
+    if key == "variants":  # variants may be added; one that cells ran with keeps its settings
+        return all(new.get(name) == values for name, values in old.items())
     if key == "lr_grid":
         return all(m in new and set(grid) == set(new[m]) and all(set(v) <= set(new[m][k]) for k, v in grid.items())
                    for m, grid in old.items())

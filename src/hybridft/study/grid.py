@@ -28,7 +28,10 @@ Point = tuple[tuple[str, float], ...]  # one point of a learning-rate grid: ((fi
 class BenchConfig:
     """A benchmark grid. ``train`` holds TrainConfig fields shared by every cell; ``per_model``,
     ``per_task`` and ``per_method`` override them (a ZO method's --z-cache, say); ``lr_grid[method]``
-    maps zo_lr/fo_lr to the values tried."""
+    maps zo_lr/fo_lr to the values tried. ``variants`` names a method with settings of its own
+    (``hybrid-layers: {method: hybrid, zo-directions: layer-subset}``), usable wherever a method
+    name is; a variant without a grid of its own uses its method's. ``reference``: the method
+    (or variant) every other is compared with, paired by seed, in the report."""
 
     output_dir: str
     models: tuple[str, ...]
@@ -42,24 +45,37 @@ class BenchConfig:
     lr_grid: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     isolate: bool = True  # each cell in a fresh process (peak memory per cell); False: in this process
     keep_models: bool = False  # keep each cell's saved model and checkpoints (tens of MiB to GiB per cell)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reference: str | None = None
+
+    def base_method(self, name: str) -> str:
+        """The training method of a method or variant name."""
+        return self.variants[name]["method"] if name in self.variants else name
 
     def validate(self) -> None:
         if not (self.models and self.tasks and self.methods and self.seeds):
             raise ValueError("a bench needs at least one model, task, method and seed")
-        unknown = sorted(set(self.methods) - set(METHODS))
-        if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        names = (*METHODS, *self.variants)
+        for name, values in self.variants.items():
+            if name in METHODS or values.get("method") not in METHODS:
+                raise ValueError(f"variants.{name}: a variant needs a name that is not a method and a method: "
+                                 f"one of {', '.join(METHODS)}")
+        for where, used in (("", self.methods), ("per_method: ", self.per_method),
+                            ("reference: ", [self.reference] if self.reference else [])):
+            unknown = sorted(set(used) - set(names))
+            if unknown:
+                raise ValueError(f"{where}unknown method(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+        if self.reference and self.reference not in self.methods:
+            raise ValueError(f"reference: {self.reference} is not among the bench's methods")
         known = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "task", "method", "seed", "output_dir"}
-        unknown = sorted(set(self.per_method) - set(METHODS))
-        if unknown:
-            raise ValueError(f"per_method: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-        overrides = [*self.per_model.items(), *self.per_task.items(), *self.per_method.items()]
+        overrides = [*self.per_model.items(), *self.per_task.items(), *self.per_method.items(),
+                     *((f"variants.{k}", {f: x for f, x in v.items() if f != "method"}) for k, v in self.variants.items())]
         for where, values in [("train", self.train), *overrides]:
             bad = sorted(set(values) - known)
             if bad:
                 raise ValueError(f"bench config {where}: unknown or per-cell train field(s) {', '.join(bad)}")
         for method, grid in self.lr_grid.items():
-            if method not in METHODS or not set(grid) <= set(LR_FIELDS) or not all(grid.values()):
+            if method not in names or not set(grid) <= set(LR_FIELDS) or not all(grid.values()):
                 raise ValueError(f"lr_grid.{method}: expected a method name mapping zo_lr/fo_lr to non-empty lists")
         for model in self.models:
             for task in self.tasks:
@@ -87,7 +103,7 @@ def load_bench(path: str | Path, output_dir: str | None = None) -> BenchConfig:
         if name in data:
             data[name] = tuple(data[name] if isinstance(data[name], list) else [data[name]])
     data["train"] = underscored(data.get("train") or {})
-    for name in ("per_model", "per_task", "per_method", "lr_grid"):
+    for name in ("per_model", "per_task", "per_method", "lr_grid", "variants"):
         data[name] = {key: underscored(values or {}) for key, values in (data.get(name) or {}).items()}
     bench = BenchConfig(**data)
     bench.validate()
@@ -115,15 +131,19 @@ def slug(text: str) -> str:
 
 def lr_points(bench: BenchConfig, method: str) -> list[Point]:
     """Every point of the method's learning-rate grid (one empty point: the train defaults)."""
-    grid = bench.lr_grid.get(method, {})
+    grid = bench.lr_grid.get(method) or bench.lr_grid.get(bench.base_method(method), {})
     keys = [k for k in LR_FIELDS if k in grid]
     return [tuple(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def cell_config(bench: BenchConfig, cell: Cell, root: Path) -> TrainConfig:
+    method = bench.base_method(cell.method)
+    variant = {k: v for k, v in bench.variants.get(cell.method, {}).items() if k != "method"}
+    if cell.method in bench.variants:  # the method's settings, then the variant's, then per_method of the variant
+        variant |= bench.per_method.get(cell.method, {})
     values = {**bench.train, **bench.per_model.get(cell.model, {}), **bench.per_task.get(cell.task, {}),
-              **bench.per_method.get(cell.method, {}), **dict(cell.lrs)}
-    return TrainConfig(**{**values, "model": cell.model, "task": cell.task, "method": cell.method, "seed": cell.seed,
+              **bench.per_method.get(method, {}), **variant, **dict(cell.lrs)}
+    return TrainConfig(**{**values, "model": cell.model, "task": cell.task, "method": method, "seed": cell.seed,
                           "output_dir": str(root / "cells" / cell.name), "progress": False,
                           "plot": False})  # the bench draws its own figures
 

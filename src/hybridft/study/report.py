@@ -4,7 +4,9 @@ Per (model, task, method), over the seeds run at the learning rates chosen on de
 accuracy (test split when the task has one, else dev) mean +- std; steps-to-target (the first
 evaluated step at which dev accuracy reaches fo-lora's mean final dev accuracy) and its ratio
 to fo-lora's; training seconds; peak memory; the parameters each rule trains; how far the ZO
-rule moved its weights (root-mean-square per weight, from the runs' ZO logs).
+rule moved its weights (root-mean-square per weight, from the runs' ZO logs). With a
+``reference`` method, each other method's accuracy minus the reference's, paired by seed (same
+seed: same data split, sampler and initialisation), per seed and with a 95% t-interval.
 """
 
 from __future__ import annotations
@@ -35,6 +37,30 @@ def zo_move(run_dir: Path) -> float | None:
     return zo_log.rms_move(updates) if updates else None
 
 
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def interval95(values: list[float]) -> tuple[float, float] | None:
+    """The 95% t-interval of the mean of ``values`` (None under two values)."""
+    if len(values) < 2:
+        return None
+    mean, half = statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 1.96
+    return mean - t * half, mean + t * half
+
+
+def paired(rows: list[dict[str, Any]], reference: str) -> None:
+    """Add to each row of one (model, task) group its accuracy minus ``reference``'s on the seeds both ran."""
+    ref = next((r for r in rows if r["method"] == reference), None)
+    for row in rows:
+        seeds = sorted(set(row["per_seed"]) & set(ref["per_seed"])) if ref and row is not ref else []
+        diffs = [row["per_seed"][s] - ref["per_seed"][s] for s in seeds]  # type: ignore[index]
+        row["paired"] = {"against": reference, "seeds": seeds, "differences": diffs,
+                         "mean": statistics.fmean(diffs), "interval95": interval95(diffs)} if diffs else None
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -46,6 +72,8 @@ def summarize(bench: BenchConfig, root: Path) -> list[dict[str, Any]]:
         for task in bench.tasks:
             runs = {m: group_runs(bench, root, model, task, m) for m in bench.methods}
             group = summarize_group(bench, root, model, task, {m: r for m, r in runs.items() if r})
+            if bench.reference:
+                paired(group, bench.reference)
             rows += [row | {"grid": [{**dict(lrs), "dev_accuracy": accuracy}
                                      for lrs, accuracy in grid_scores(bench, root, model, task, row["method"])]}
                      for row in group]
@@ -65,10 +93,12 @@ def summarize_group(bench: BenchConfig, root: Path, model: str, task: str, runs:
         curves = [curve(d) for d in dirs]
         hits = [s for s in (steps_to(c, target, start) for c in curves) if s is not None]
         accuracy, accuracy_std = mean_std([e[f"{split}_accuracy_after"] for e in evals[method]])
+        seeds = [json.loads((d / "config.json").read_text())["seed"] for d in dirs]
         rows.append({
             "model": model, "task": task, "method": method, "seeds": len(dirs), "split": split,
             "learning_rates": {k: resolved[k] for k in ("zo_lr", "fo_lr")},
             "accuracy": accuracy, "accuracy_std": accuracy_std,
+            "per_seed": {seed: e[f"{split}_accuracy_after"] for seed, e in zip(seeds, evals[method])},
             "dev_accuracy": statistics.fmean(e["dev_accuracy_after"] for e in evals[method]),
             "target": target, "start": start, "steps_to_target": steps_to(mean_curve(curves), target, start),
             "reached_target": f"{len(hits)}/{len(dirs)}",
@@ -112,6 +142,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {number(r['steps_to_target'], '.0f')} | {number(r['steps_ratio'], '.2f')} | {r['reached_target']} "
             f"| {r['train_seconds']:.0f} | {r['peak_memory_mib']:.0f} | {r['zo_parameters']:,} | {r['fo_parameters']:,} "
             f"| {number(r['zo_rms_move'], '.2e')} |")
+    with_pairs = [r for r in rows if r.get("paired")]
+    if with_pairs:
+        against = with_pairs[0]["paired"]["against"]
+        lines += ["", f"Paired by seed against {against}: accuracy minus {against}'s on the same seed (same data "
+                  "split, sampler and initialisation), per seed, mean and 95% t-interval of the mean.", "",
+                  "| model | task | method | per seed | mean | 95% interval |", "|---|---|---|---|---|---|"]
+        for r in with_pairs:
+            p = r["paired"]
+            per_seed = ", ".join(f"{s}: {d:+.4f}" for s, d in zip(p["seeds"], p["differences"]))
+            ci = p["interval95"]
+            ci_text = "–" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+            lines.append(f"| {slug(r['model'])} | {r['task']} | {r['method']} | {per_seed} | {p['mean']:+.4f} | {ci_text} |")
     lines += ["", "Learning-rate grids: final dev accuracy of each point at the selection seed (chosen point in bold). "
               "At the edge: the chosen rates that are their grid's smallest or largest value (ties go to the first "
               "point); a better rate may lie beyond, so extend the grid there before ranking the method.", "",

