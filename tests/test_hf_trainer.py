@@ -66,6 +66,20 @@ def test_trainer_and_cli_give_bitwise_the_same_weights(tiny_bert_no_dropout_dir,
     assert logs[0]["zo_learning_rate"] == 1e-3 and logs[0]["learning_rate"] == (1e-2 if method == "hybrid" else 1e-3)
 
 
+@pytest.mark.parametrize("rule", [dict(zo_directions="low-rank", zo_rank=1, zo_v_every=2),
+                                  dict(zo_directions="layer-subset", zo_layer_fraction=0.5),
+                                  dict(zo_directions="magnitude-mask", zo_mask_fraction=0.5),
+                                  dict(zo_estimator="fzoo", num_directions=3, distribution="rademacher")])
+def test_trainer_takes_the_zo_rules_and_matches_the_cli(tiny_bert_no_dropout_dir, tmp_path, rule):
+    config = tiny_config(tiny_bert_no_dropout_dir, fo_schedule="constant", fo_optimizer="adamw", steps=4, **rule)
+    run = trainer(config, tmp_path / "trainer")
+    start = weights(run.model)
+    run.train()
+    ours = weights(run.model)
+    assert_same_weights(cli_run(config, tmp_path / "cli"), ours)
+    assert any(not torch.equal(start[k], ours[k]) for k in start if "encoder.layer" in k)
+
+
 def test_gradient_accumulation_is_one_step_on_the_union_batch(tiny_bert_no_dropout_dir, tmp_path):
     # 2 micro-batches of 4 per step == the CLI's batches of 8 (same examples per step); equal up to
     # padding and summation order. Default schedules: linear for the adapter, constant for the base.
@@ -75,9 +89,10 @@ def test_gradient_accumulation_is_one_step_on_the_union_batch(tiny_bert_no_dropo
     run.train()
     ours, cli = weights(run.model), cli_run(config, tmp_path / "cli")
     assert not run.model_accepts_loss_kwargs  # BERT's head ignores num_items_in_batch: found and handled
-    assert_same_weights(cli, ours, atol=2e-6, rtol=0)  # measured: 4.6e-7
+    # fp32 summation order: measured 2.2e-6 on the Rotten Tomatoes split of 2026-12-04 (4.6e-7 on the one before)
+    assert_same_weights(cli, ours, atol=1e-5, rtol=0)
     moved = max((ours[k] - start[k]).abs().max().item() for k in start)
-    assert moved > 1e-3  # the tolerance is far below what training changed
+    assert moved > 100 * 1e-5  # the tolerance is far below what training changed
 
 
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tiny_bert_dir, tmp_path):
@@ -148,6 +163,12 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_base_weights(tiny_
     ({"method": "nonsense"}, "method must be one of"),
     ({"zo_distribution": "uniform"}, "zo_distribution must be one of"),
     ({"zo_num_directions": 0}, "zo_num_directions must be at least 1"),
+    ({"zo_directions": "sparse"}, "zo_directions must be one of"),
+    ({"zo_directions": "low-rank", "zo_rank": 0}, "zo_rank must be at least 1"),
+    ({"zo_directions": "layer-subset", "zo_layer_fraction": 1.5}, r"zo_layer_fraction must be in \(0, 1\]"),
+    ({"zo_directions": "magnitude-mask", "zo_mask_fraction": 0.0}, r"zo_mask_fraction must be in \(0, 1\]"),
+    ({"zo_estimator": "fzoo"}, "zo_num_directions must be at least 2"),
+    ({"zo_estimator": "adam"}, "zo_estimator must be one of"),
 ])
 def test_bad_hybrid_arguments_are_one_line_errors(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message) as error:

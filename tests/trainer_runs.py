@@ -41,7 +41,9 @@ def trainer(config: TrainConfig, out: str | Path, *, eval_size: int = 0, compute
         weight_decay=config.fo_weight_decay, warmup_steps=config.warmup_steps, max_grad_norm=0.0, seed=config.seed,
         method=config.method, zo_learning_rate=config.zo_lr, zo_eps=config.eps, zo_weight_decay=config.zo_weight_decay,
         zo_num_directions=config.num_directions, zo_one_sided=config.one_sided, zo_distribution=config.distribution,
-        zo_lr_scheduler_type=config.zo_schedule, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+        zo_lr_scheduler_type=config.zo_schedule, zo_estimator=config.zo_estimator, zo_directions=config.zo_directions,
+        zo_rank=config.zo_rank, zo_v_every=config.zo_v_every, zo_layer_fraction=config.zo_layer_fraction,
+        zo_mask_fraction=config.zo_mask_fraction, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
     )
     settings.update(overrides)
     return HybridTrainer(model=model, args=HybridTrainingArguments(**settings), train_dataset=data,

@@ -46,7 +46,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from hybridft.engine.directions import DirectionSampler
+from hybridft.engine.directions import direction_sampler
 from hybridft.engine.estimators import estimator
 from hybridft.engine.methods import METHODS, assign
 from hybridft.engine.modes import evaluating
@@ -77,6 +77,12 @@ class HybridTrainingArguments(TrainingArguments):
     zo_distribution: str = field(default="gaussian", metadata={"help": "distribution of z: gaussian or rademacher"})
     zo_rounding: str = field(default="stochastic", metadata={"help": "ZO updates into bf16/fp16 weights: stochastic or nearest rounding"})
     zo_lr_scheduler_type: str = field(default="constant", metadata={"help": "schedule of the ZO learning rate (a lr_scheduler_type)"})
+    zo_estimator: str = field(default="spsa", metadata={"help": "spsa (finite differences) or fzoo (zo_num_directions >= 2 one-sided probes normalised by the std of their losses)"})
+    zo_directions: str = field(default="dense", metadata={"help": "dense, low-rank, layer-subset or magnitude-mask (docs/zo_rules.md)"})
+    zo_rank: int = field(default=2, metadata={"help": "rank of low-rank directions"})
+    zo_v_every: int = field(default=1, metadata={"help": "keep V of low-rank directions for this many steps"})
+    zo_layer_fraction: float = field(default=0.25, metadata={"help": "fraction of the blocks perturbed per step (layer-subset)"})
+    zo_mask_fraction: float = field(default=0.25, metadata={"help": "fraction of each tensor's smallest weights perturbed (magnitude-mask)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,12 +97,15 @@ class HybridTrainingArguments(TrainingArguments):
         rule, storage), made from the ``zo_*`` fields; a bad value is a one-line error naming its field."""
         try:
             return {"estimator": estimator(eps=self.zo_eps, num_directions=self.zo_num_directions,
-                                           one_sided=self.zo_one_sided),
-                    "directions": DirectionSampler(distribution=self.zo_distribution),  # type: ignore[arg-type]
+                                           one_sided=self.zo_one_sided, kind=self.zo_estimator),
+                    "directions": direction_sampler(self.zo_directions, rank=self.zo_rank, v_every=self.zo_v_every,
+                                                    fraction=self.zo_layer_fraction, mask_fraction=self.zo_mask_fraction,
+                                                    distribution=self.zo_distribution),
                     "rule": ZOSGD(weight_decay=self.zo_weight_decay),
                     "storage": storage_rule(self.zo_rounding)}
         except HyperparameterError as error:
-            raise ValueError(f"zo_{error.name} {error.problem}") from None
+            names = {"fraction": "zo_layer_fraction", "num_directions": "zo_num_directions"}
+            raise ValueError(f"{names.get(error.name, 'zo_' + error.name)} {error.problem}") from None
 
 
 @dataclass(frozen=True)
