@@ -6,11 +6,14 @@
 For each row (a method and a step mode), in a fresh subprocess (so that peak memory is per
 row): the peak memory of the steps (CUDA: max allocated; CPU: peak RSS of the process, whose
 model load is common to all rows), then ``--steps`` rounds of one plain forward (no grad), one
-plain forward+backward (LoRA for adapter methods, all weights for fo-full) and one optimizer
-step, interleaved so that a change of machine load hits all three alike; the medians; and the
-step's ratio to the plain passes it needs (hybrid: fwd+bwd + 2 fwd, fused: fwd+bwd + 1 fwd,
-fo-*: fwd+bwd, zo-*: 2 fwd). ``--generation`` instead times one pass of z generation over the
-model's weights for each distribution, draw dtype and thread count.
+plain forward+backward (LoRA for adapter methods, all weights for fo-full and lomo) and one
+optimizer step, interleaved so that a change of machine load hits all three alike; the medians;
+and the step's ratio to the plain passes it needs (hybrid: fwd+bwd + 2 fwd, fused: fwd+bwd +
+1 fwd, fo-* and lomo: fwd+bwd, zo-*: 2 fwd). The FO rule is plain SGD (fo-full holds every
+gradient after backward); lomo's is SGD fused into backward (``FusedSGD``: no full set of
+gradients), so its plain fwd+bwd applies its update too: the update cannot be separated from it.
+``--generation`` instead times one pass of z generation over the model's weights for each
+distribution, draw dtype and thread count.
 
 ``smollm2`` is a LlamaForSequenceClassification with SmolLM2-135M's shape, built from its config
 with random weights (no checkpoint is available offline; step cost does not depend on values).
@@ -62,6 +65,7 @@ ROWS = {
                                                    "zo_layer_fraction": 0.25}, 1, 1),
     "zo-lora": ("zo-lora", {}, 0, 2),
     "fo-full": ("fo-full", {}, 1, 0),
+    "lomo": ("lomo", {}, 1, 0),
 }
 DEFAULT_ROWS = ",".join(ROWS)
 
@@ -100,7 +104,7 @@ def load(name: str, method: str) -> torch.nn.Module:
 def measure(row: str, args: argparse.Namespace) -> dict[str, float]:
     from transformers.utils import logging as hf_logging
 
-    from hybridft.engine.methods import assign, build_optimizer, fo_optimizer
+    from hybridft.engine.methods import FUSED_FO, assign, build_optimizer, fo_optimizer
     from hybridft.run.config import TrainConfig
 
     hf_logging.disable_progress_bar()
@@ -116,7 +120,8 @@ def measure(row: str, args: argparse.Namespace) -> dict[str, float]:
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
              "labels": torch.randint(2, (args.batch,), generator=g).to(device)}
     flags = {("zo_threads" if k == "threads" else k): v for k, v in modes.items()}  # the CLI's names
-    optimizer = build_optimizer(model, groups, zo_lr=1e-7, seed=0, fo=functools.partial(fo_optimizer, "sgd", lr=1e-4),
+    fo = functools.partial(fo_optimizer, FUSED_FO.get(method, "sgd"), lr=1e-4)
+    optimizer = build_optimizer(model, groups, zo_lr=1e-7, seed=0, fo=fo,
                                 **TrainConfig(eps=1e-3, **flags).zo_step())
 
     def sync() -> None:

@@ -161,6 +161,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_base_weights(tiny_
     ({"zo_eps": 0.0}, "zo_eps must be positive"),
     ({"zo_learning_rate": -1.0}, "zo_learning_rate must be positive"),
     ({"method": "nonsense"}, "method must be one of"),
+    ({"method": "lomo"}, "method lomo updates each weight inside backward"),
     ({"zo_distribution": "uniform"}, "zo_distribution must be one of"),
     ({"zo_num_directions": 0}, "zo_num_directions must be at least 1"),
     ({"zo_directions": "sparse"}, "zo_directions must be one of"),

@@ -83,7 +83,7 @@ def test_canonical_name_strips_peft_wrapping():
     assert canonical_name("base_model.model.classifier.original_module.bias") == "classifier.bias"
 
 
-@pytest.mark.parametrize("method", ["hybrid", "fo-lora", "zo-lora", "fo-full", "zo-full"])
+@pytest.mark.parametrize("method", ["hybrid", "fo-lora", "zo-lora", "fo-full", "zo-full", "lomo"])
 def test_methods_assign_rules_and_only_fo_group_requires_grad(method):
     model = tiny_bert()
     if method in ("hybrid", "fo-lora", "zo-lora"):
@@ -95,7 +95,8 @@ def test_methods_assign_rules_and_only_fo_group_requires_grad(method):
         assert not p.requires_grad
     n_all = len(set(model.parameters()))
     assert len(groups.zo) + len(groups.fo) + len(groups.frozen) == n_all
-    expected_nonempty = {"hybrid": ("zo", "fo"), "fo-lora": ("fo",), "zo-lora": ("zo",), "fo-full": ("fo",), "zo-full": ("zo",)}
+    expected_nonempty = {"hybrid": ("zo", "fo"), "fo-lora": ("fo",), "zo-lora": ("zo",), "fo-full": ("fo",), "zo-full": ("zo",),
+                         "lomo": ("fo",)}
     for group in ("zo", "fo"):
         assert bool(getattr(groups, group)) == (group in expected_nonempty[method])
 

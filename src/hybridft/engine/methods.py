@@ -1,4 +1,4 @@
-"""The five methods as (partition, rules) over one engine, so comparisons are fair.
+"""The six methods as (partition, rules) over one engine, so comparisons are fair.
 
 | method  | peft adapter | ZO rule on            | FO rule on                     |
 |---------|--------------|-----------------------|--------------------------------|
@@ -7,9 +7,12 @@
 | zo-lora | yes          | adapter + task head   | -                              |
 | fo-full | no           | -                     | all weights                    |
 | zo-full | no           | all weights (MeZO)    | -                              |
+| lomo    | no           | -                     | all weights, SGD in backward   |
 
 The adapter is LoRA unless chosen otherwise (IA3, prompt or prefix tuning, none: the task head
-alone, or a peft config file): ``hybridft.engine.adapters``.
+alone, or a peft config file): ``hybridft.engine.adapters``. ``lomo`` is fo-full whose FO rule is
+``FusedSGD`` (``fused.py``, LOMO): each weight updated inside backward, so no full set of
+gradients and no optimizer state is held.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from torch import nn
 
 from hybridft.engine.directions import DirectionSampler
 from hybridft.engine.estimators import Estimator, TwoSided
+from hybridft.engine.fused import FusedSGD
 from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.rules import ZOSGD, UpdateRule
 from hybridft.engine.split import Partition, split
 from hybridft.engine.storage import StochasticRounding, StorageRule
 
-METHODS = ("hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora")
-USES_ADAPTER = {"hybrid": True, "fo-lora": True, "zo-lora": True, "fo-full": False, "zo-full": False}
+METHODS = ("hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora", "lomo")
+USES_ADAPTER = {"hybrid": True, "fo-lora": True, "zo-lora": True, "fo-full": False, "zo-full": False, "lomo": False}
+# Methods whose FO rule runs inside the backward pass, and that rule (a name of ``fo_optimizer``):
+# it replaces --fo-optimizer, and rules out gradient accumulation and data parallelism (fused.py).
+FUSED_FO = {"lomo": "fused-sgd"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ def assign(method: str, model: nn.Module) -> Groups:
         "zo-lora": (adapter, {}, base),
         "fo-full": ({}, base | adapter, {}),
         "zo-full": (base | adapter, {}, {}),
+        "lomo": ({}, base | adapter, {}),
     }[method]
     frozen = frozen | partition.inactive
     for group, flag in ((zo, False), (frozen, False), (fo, True)):
@@ -66,12 +74,17 @@ def assign(method: str, model: nn.Module) -> Groups:
 
 def fo_optimizer(name: str, params: Sequence[nn.Parameter], *, lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The FO rule ``name``: plain SGD (``sgd``, the analysis') or AdamW (``adamw``)."""
+    """The FO rule ``name``: plain SGD (``sgd``, the analysis'), AdamW (``adamw``), or SGD fused
+    into the backward pass (``fused-sgd``, lomo's: no momentum, which would be optimizer state)."""
+    if name == "fused-sgd":
+        if momentum:
+            raise ValueError(f"SGD fused into backward (lomo) keeps no state, so no momentum; got {momentum}")
+        return FusedSGD(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown FO optimizer {name!r}; choose sgd or adamw")
+    raise ValueError(f"unknown FO optimizer {name!r}; choose sgd, adamw or fused-sgd")
 
 
 def build_optimizer(

@@ -38,6 +38,10 @@ Divergence guard: if any ZO loss or projected gradient, the FO loss or an FO gra
 finite, the step applies nothing (theta is already restored exactly after the perturbed
 forwards, phi is untouched), ``last_update`` is None, ``skipped`` is True and
 ``skipped_steps`` counts it; the step counter still advances, so the next step draws a new z.
+An FO rule that updates inside backward (``fused.FusedSGD``, lomo) has already applied its
+update when the step sees the loss: ``updates_in_backward`` tells the closure not to
+back-propagate a non-finite loss, which keeps the guard exact for it (a finite loss whose
+gradient overflows in backward is applied: see ``fused.py``).
 """
 
 from __future__ import annotations
@@ -136,6 +140,12 @@ class HybridOptimizer(torch.optim.Optimizer):
         """The ZO parameters this step perturbs and updates (a layer subset, or all)."""
         active = directions[0].active if directions else None
         return self.keys if active is None else {p: k for p, k in self.keys.items() if k in active}
+
+    @property
+    def updates_in_backward(self) -> bool:
+        """Whether the FO rule applies its update inside backward (``fused.FusedSGD``): then the
+        closure must not back-propagate a non-finite loss, since this step could not undo it."""
+        return bool(getattr(self.fo_optimizer, "updates_in_backward", False))
 
     @property
     def zo_group(self) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from transformers.utils import logging
 
 from hybridft.engine.directions import direction_sampler
 from hybridft.engine.estimators import estimator
-from hybridft.engine.methods import METHODS, assign
+from hybridft.engine.methods import FUSED_FO, METHODS, assign
 from hybridft.engine.modes import evaluating
 from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.rules import ZOSGD
@@ -88,6 +88,9 @@ class HybridTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.method in FUSED_FO:
+            raise ValueError(f"method {self.method} updates each weight inside backward, which the Trainer's loop "
+                             f"(its clipping, accumulation and optimizer step) cannot drive; use hybridft train --method {self.method}")
         if self.zo_learning_rate <= 0:
             raise ValueError(f"zo_learning_rate must be positive, got {self.zo_learning_rate}")
         self.zo_step()  # each object checks its own values

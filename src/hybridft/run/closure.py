@@ -15,6 +15,12 @@ FO evaluation back-propagates each term as it is computed, so gradients accumula
 while one micro-batch's activations are held.
 Cost per step: the passes of a step on U (K times as many, each over 1/K of the examples);
 activation memory of one micro-batch.
+
+An optimizer that updates inside backward (``updates_in_backward``: lomo's ``FusedSGD``) is never
+given a non-finite loss to back-propagate (``backward_``), since no guard could undo its update:
+the step's loss then says the step is skipped, and nothing was applied. Cost: one device sync per
+backward. Other optimizers back-propagate it (their step guard skips it; data-parallel ranks must
+all reduce the same gradients).
 """
 
 from __future__ import annotations
@@ -42,11 +48,20 @@ def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
         model.train(torch.is_grad_enabled() or fused)
         optimizer.zero_grad()
         value = loss(model, batch)
-        if torch.is_grad_enabled():
-            value.backward()
+        backward_(value, optimizer)
         return value.detach()
 
     return closure
+
+
+def backward_(value: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """``value.backward()`` when grad is enabled, unless ``optimizer`` updates inside backward
+    and ``value`` is not finite (module docstring)."""
+    if not torch.is_grad_enabled():
+        return
+    if getattr(optimizer, "updates_in_backward", False) and not bool(torch.isfinite(value).all()):
+        return
+    value.backward()
 
 
 def micro_batches(indices: list[int], k: int) -> list[list[int]]:
@@ -68,8 +83,7 @@ def union_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
         values = []
         for batch, weight in zip(batches, weights):
             value = formulation.loss(model, batch) * weight
-            if torch.is_grad_enabled():
-                value.backward()
+            backward_(value, optimizer)
             values.append(value.detach())
         return torch.stack(values).sum()
 

@@ -22,6 +22,7 @@ import torch
 
 from hybridft.run.config import TrainConfig
 from hybridft.data.formulations import Formulation
+from hybridft.engine.methods import FUSED_FO
 from hybridft.engine.sampler import ReshufflingSampler
 from hybridft.data.tasks import Example
 from hybridft.theory.advice import Advice, advise
@@ -86,7 +87,8 @@ def resolve(config: TrainConfig, model: torch.nn.Module, groups: Any, tokenizer:
     notes = []
     if advice.zo_lr is not None:
         changes["zo_lr"] = advice.zo_lr
-    if advice.fo_lr is not None and config.fo_optimizer == "sgd" and config.fo_momentum == 0:
+    plain_sgd = FUSED_FO.get(config.method, config.fo_optimizer) in ("sgd", "fused-sgd") and config.fo_momentum == 0
+    if advice.fo_lr is not None and plain_sgd:
         changes["fo_lr"] = advice.fo_lr
     elif advice.fo_lr is not None:
         notes.append(f"fo-lr {config.fo_lr:g} kept: the advice ({advice.fo_lr:.3g}) is for plain SGD (--fo-optimizer sgd)")
