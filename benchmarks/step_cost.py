@@ -10,7 +10,7 @@ plain forward+backward (LoRA for adapter methods, all weights for fo-full and lo
 optimizer step, interleaved so that a change of machine load hits all three alike; the medians;
 and the step's ratio to the plain passes it needs (hybrid: fwd+bwd + 2 fwd, fused: fwd+bwd +
 1 fwd, fo-* and lomo: fwd+bwd, zo-*: 2 fwd). The FO rule is plain SGD (fo-full holds every
-gradient after backward); lomo's is SGD fused into backward (``FusedSGD``: no full set of
+gradient after backward), AdamW in the ``adamw`` rows (two moments per trained weight); lomo's is SGD fused into backward (``FusedSGD``: no full set of
 gradients), so its plain fwd+bwd applies its update too: the update cannot be separated from it.
 ``--generation`` instead times one pass of z generation over the model's weights for each
 distribution, draw dtype and thread count.
@@ -32,7 +32,8 @@ import time
 
 import torch
 
-# name -> (method, TrainConfig ZO flags, fwd+bwd passes needed, fwd passes needed)
+# name -> (method, TrainConfig ZO flags (and the FO rule, plain SGD unless fo_optimizer is named),
+#          fwd+bwd passes needed, fwd passes needed)
 ROWS = {
     "fo-lora": ("fo-lora", {}, 1, 0),
     "hybrid": ("hybrid", {}, 1, 2),
@@ -66,6 +67,8 @@ ROWS = {
     "zo-lora": ("zo-lora", {}, 0, 2),
     "fo-full": ("fo-full", {}, 1, 0),
     "lomo": ("lomo", {}, 1, 0),
+    "fo-lora adamw": ("fo-lora", {"fo_optimizer": "adamw"}, 1, 0),
+    "fo-full adamw": ("fo-full", {"fo_optimizer": "adamw"}, 1, 0),
 }
 DEFAULT_ROWS = ",".join(ROWS)
 
@@ -120,7 +123,7 @@ def measure(row: str, args: argparse.Namespace) -> dict[str, float]:
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
              "labels": torch.randint(2, (args.batch,), generator=g).to(device)}
     flags = {("zo_threads" if k == "threads" else k): v for k, v in modes.items()}  # the CLI's names
-    fo = functools.partial(fo_optimizer, FUSED_FO.get(method, "sgd"), lr=1e-4)
+    fo = functools.partial(fo_optimizer, FUSED_FO.get(method, flags.pop("fo_optimizer", "sgd")), lr=1e-4)
     optimizer = build_optimizer(model, groups, zo_lr=1e-7, seed=0, fo=fo,
                                 **TrainConfig(eps=1e-3, **flags).zo_step())
 
