@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridft.study.metrics import read_jsonl
-from hybridft.study.plots import smooth
+from hybridft.study.plots import _pyplot, smooth
 
 
 def forwards_per_step(config: dict[str, Any]) -> int:
@@ -66,12 +66,7 @@ def main() -> None:
     print("| cell | fwd/step | steps | decrease | s.e. | fwd to reference's final loss | ratio |")
     print("|---|---|---|---|---|---|---|")
     ref_fwd = forwards_to(ref, target, args.window)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axis = pyplot.subplots(figsize=(7, 4))
+    figure, axis = _pyplot().subplots(figsize=(7, 4))
     for name, row in rows.items():
         fwd = forwards_to(row, target, args.window)
         ratio = "–" if fwd is None or not ref_fwd else f"{fwd / ref_fwd:.2f}"
