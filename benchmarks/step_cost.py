@@ -6,12 +6,14 @@
 For each row (a method and a step mode), in a fresh subprocess (so that peak memory is per
 row): the peak memory of the steps (CUDA: max allocated; CPU: peak RSS of the process, whose
 model load is common to all rows), then ``--steps`` rounds of one plain forward (no grad), one
-plain forward+backward (LoRA for adapter methods, all weights for fo-full and lomo) and one
+plain forward+backward (LoRA for adapter methods, all weights for fo-full, lomo and adalomo) and one
 optimizer step, interleaved so that a change of machine load hits all three alike; the medians;
 and the step's ratio to the plain passes it needs (hybrid: fwd+bwd + 2 fwd, fused: fwd+bwd +
-1 fwd, fo-* and lomo: fwd+bwd, zo-*: 2 fwd). The FO rule is plain SGD (fo-full holds every
-gradient after backward), AdamW in the ``adamw`` rows (two moments per trained weight); lomo's is SGD fused into backward (``FusedSGD``: no full set of
-gradients), so its plain fwd+bwd applies its update too: the update cannot be separated from it.
+1 fwd, fo-*, lomo and adalomo: fwd+bwd, zo-*: 2 fwd). The FO rule is plain SGD (fo-full holds every
+gradient after backward), AdamW in the ``adamw`` rows (two moments per trained weight); lomo's
+is SGD fused into backward (``FusedSGD``: no full set of gradients), adalomo's AdaLomo fused into
+it (``FusedAdaLomo``), so their plain fwd+bwd applies their update too: the update cannot be
+separated from it.
 ``--generation`` instead times one pass of z generation over the model's weights for each
 distribution, draw dtype and thread count.
 
@@ -67,6 +69,7 @@ ROWS = {
     "zo-lora": ("zo-lora", {}, 0, 2),
     "fo-full": ("fo-full", {}, 1, 0),
     "lomo": ("lomo", {}, 1, 0),
+    "adalomo": ("adalomo", {}, 1, 0),
     "fo-lora adamw": ("fo-lora", {"fo_optimizer": "adamw"}, 1, 0),
     "fo-full adamw": ("fo-full", {"fo_optimizer": "adamw"}, 1, 0),
 }

@@ -1,4 +1,5 @@
-"""lomo: SGD fused into backward (FusedSGD). A step is torch SGD's step, no gradient survives the
+"""lomo: SGD fused into backward (FusedSGD); the CLI tests also cover adalomo (FusedAdaLomo, whose
+rule tests/test_adalomo.py checks). A step is torch SGD's step, no gradient survives the
 backward, schedulers drive it, a run resumes bitwise, and what it cannot do is refused in one line."""
 
 from __future__ import annotations
@@ -54,18 +55,24 @@ def plain_closure(model, opt, batch):
     return closure
 
 
+def step_both(model, opt, reference, reference_opt, batch, steps: int, rel: float) -> None:
+    """``steps`` steps of the fused optimizer (updates in backward) and of the reference optimizer
+    stepping after backward on a copy of the model; their losses agree to ``rel`` at each."""
+    for _ in range(steps):
+        loss = opt.step(plain_closure(model, opt, batch))
+        reference_opt.zero_grad()
+        reference_loss = eval_loss(reference, batch)
+        reference_loss.backward()
+        reference_opt.step()
+        assert float(loss) == pytest.approx(float(reference_loss.detach()), rel=rel)
+
+
 def test_one_lomo_step_is_one_torch_sgd_step(batch):
     model, groups, opt = lomo_setup(lr=0.05, weight_decay=0.01)
     reference = copy.deepcopy(model)
     assert set(groups.fo) == {n for n, _ in model.named_parameters()} and not groups.zo  # every weight, FO
-    sgd = torch.optim.SGD(reference.parameters(), lr=0.05, weight_decay=0.01)
-    for _ in range(2):
-        loss = opt.step(plain_closure(model, opt, batch))
-        sgd.zero_grad()
-        reference_loss = eval_loss(reference, batch)
-        reference_loss.backward()
-        sgd.step()
-        assert float(loss) == pytest.approx(float(reference_loss.detach()), rel=1e-6)
+    step_both(model, opt, reference, torch.optim.SGD(reference.parameters(), lr=0.05, weight_decay=0.01), batch,
+              steps=2, rel=1e-6)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
     assert opt.fo_optimizer.num_steps == 2 and not opt.fo_optimizer.state  # no optimizer state
@@ -148,9 +155,12 @@ def test_a_gradient_that_overflows_inside_backward_is_applied_then_the_next_step
     assert opt.skipped
 
 
-def test_cli_lomo_run_resumed_from_a_checkpoint_is_bitwise_the_uninterrupted_run(tiny_bert_dir, tmp_path, capsys):
+@pytest.mark.parametrize("method,lr", [("lomo", "0.05"), ("adalomo", "0.01")])
+def test_cli_fused_run_resumed_from_a_checkpoint_is_bitwise_the_uninterrupted_run(tiny_bert_dir, tmp_path, capsys,
+                                                                                   method, lr):
+    """lomo (no state) and adalomo (float32 factors in the checkpoint) resume bitwise."""
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    flags = ["--method", "lomo", "--fo-lr", "0.05", "--fo-weight-decay", "0.01", "--checkpoint-every", "2",
+    flags = ["--method", method, "--fo-lr", lr, "--fo-weight-decay", "0.01", "--checkpoint-every", "2",
              "--threads", "1", *TINY[:-3], "--steps", "4", "--no-progress"]
     assert main(["train", "--model", str(tiny_bert_dir), "--output-dir", str(reference), *flags]) == 0
     config = json.loads((reference / "config.json").read_text())
@@ -169,26 +179,28 @@ def test_cli_lomo_run_resumed_from_a_checkpoint_is_bitwise_the_uninterrupted_run
     assert "resuming" in capsys.readouterr().out
     assert_bitwise_equal(reference / "model" / "model.safetensors", resumed / "model" / "model.safetensors")
     assert metrics_without_time(reference) == metrics_without_time(resumed)
-    assert_refused(["replay", str(reference)], capsys, "method 'lomo' makes no ZO updates")
+    assert_refused(["replay", str(reference)], capsys, f"method '{method}' makes no ZO updates")
 
 
+@pytest.mark.parametrize("method", ["lomo", "adalomo"])
 @pytest.mark.parametrize("flags,message", [
-    (["--grad-accum", "2"], "--grad-accum must be 1 for --method lomo"),
-    (["--fo-momentum", "0.9"], "--fo-momentum must be 0 for --method lomo"),
-    (["--z-cache"], "--z-cache and --embedding-rows need a method with a ZO part, not lomo"),
+    (["--grad-accum", "2"], "--grad-accum must be 1 for --method {method}"),
+    (["--fo-momentum", "0.9"], "--fo-momentum must be 0 for --method {method}"),
+    (["--z-cache"], "--z-cache and --embedding-rows need a method with a ZO part, not {method}"),
     (["--fused"], "--fused needs a method with both a ZO and an FO part"),
 ])
-def test_what_lomo_cannot_do_is_a_one_line_exit_2(tiny_bert_dir, tmp_path, capsys, flags, message):
+def test_what_a_fused_method_cannot_do_is_a_one_line_exit_2(tiny_bert_dir, tmp_path, capsys, flags, message, method):
     out = tmp_path / "bad"
-    assert_refused(["train", "--model", str(tiny_bert_dir), "--output-dir", str(out), "--method", "lomo", *TINY, *flags],
-                   capsys, message)
+    assert_refused(["train", "--model", str(tiny_bert_dir), "--output-dir", str(out), "--method", method, *TINY, *flags],
+                   capsys, message.format(method=method))
     assert not out.exists()
 
 
-def test_lomo_on_several_ranks_is_refused_before_joining_a_process_group(tiny_bert_dir, monkeypatch):
+@pytest.mark.parametrize("method", ["lomo", "adalomo"])
+def test_a_fused_method_on_several_ranks_is_refused_before_joining_a_process_group(tiny_bert_dir, monkeypatch, method):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    config = TrainConfig(model=str(tiny_bert_dir), method="lomo", train_size=16, dev_size=8, batch_size=4, progress=False)
+    config = TrainConfig(model=str(tiny_bert_dir), method=method, train_size=16, dev_size=8, batch_size=4, progress=False)
     with pytest.raises(ValueError, match="run it in one process, not on 2 ranks") as error:
         build(config)
     assert len(str(error.value).splitlines()) == 1 and not torch.distributed.is_initialized()

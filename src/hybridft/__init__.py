@@ -2,7 +2,7 @@
 
 from hybridft.engine.directions import DirectionSampler, Directions
 from hybridft.engine.estimators import FusedOneSided, FusedTwoSided, NormalizedProbes, OneSided, TwoSided
-from hybridft.engine.fused import FusedSGD
+from hybridft.engine.fused import FusedAdaLomo, FusedSGD
 from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.rules import ZOSGD, replay_, update_
 from hybridft.engine.sampler import ReshufflingSampler
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DirectionSampler",
     "Directions",
+    "FusedAdaLomo",
     "FusedOneSided",
     "FusedSGD",
     "FusedTwoSided",

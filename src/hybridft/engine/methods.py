@@ -1,4 +1,4 @@
-"""The six methods as (partition, rules) over one engine, so comparisons are fair.
+"""The seven methods as (partition, rules) over one engine, so comparisons are fair.
 
 | method  | peft adapter | ZO rule on            | FO rule on                     |
 |---------|--------------|-----------------------|--------------------------------|
@@ -8,11 +8,14 @@
 | fo-full | no           | -                     | all weights                    |
 | zo-full | no           | all weights (MeZO)    | -                              |
 | lomo    | no           | -                     | all weights, SGD in backward   |
+| adalomo | no           | -                     | all weights, AdaLomo in backward |
 
 The adapter is LoRA unless chosen otherwise (IA3, prompt or prefix tuning, none: the task head
 alone, or a peft config file): ``hybridft.engine.adapters``. ``lomo`` is fo-full whose FO rule is
 ``FusedSGD`` (``fused.py``, LOMO): each weight updated inside backward, so no full set of
-gradients and no optimizer state is held.
+gradients and no optimizer state is held; ``adalomo`` is the same with ``FusedAdaLomo`` (AdaLomo:
+Adafactor's factored second moment and relative step, no first moment), whose state is a row and
+a column per matrix.
 """
 
 from __future__ import annotations
@@ -25,17 +28,18 @@ from torch import nn
 
 from hybridft.engine.directions import DirectionSampler
 from hybridft.engine.estimators import Estimator, TwoSided
-from hybridft.engine.fused import FusedSGD
+from hybridft.engine.fused import FusedAdaLomo, FusedSGD
 from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.rules import ZOSGD, UpdateRule
 from hybridft.engine.split import Partition, split
 from hybridft.engine.storage import StochasticRounding, StorageRule
 
-METHODS = ("hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora", "lomo")
-USES_ADAPTER = {"hybrid": True, "fo-lora": True, "zo-lora": True, "fo-full": False, "zo-full": False, "lomo": False}
+METHODS = ("hybrid", "fo-lora", "fo-full", "zo-full", "zo-lora", "lomo", "adalomo")
+USES_ADAPTER = {"hybrid": True, "fo-lora": True, "zo-lora": True, "fo-full": False, "zo-full": False, "lomo": False,
+                "adalomo": False}
 # Methods whose FO rule runs inside the backward pass, and that rule (a name of ``fo_optimizer``):
 # it replaces --fo-optimizer, and rules out gradient accumulation and data parallelism (fused.py).
-FUSED_FO = {"lomo": "fused-sgd"}
+FUSED_FO = {"lomo": "fused-sgd", "adalomo": "fused-adalomo"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ def assign(method: str, model: nn.Module) -> Groups:
         "fo-full": ({}, base | adapter, {}),
         "zo-full": (base | adapter, {}, {}),
         "lomo": ({}, base | adapter, {}),
+        "adalomo": ({}, base | adapter, {}),
     }[method]
     frozen = frozen | partition.inactive
     for group, flag in ((zo, False), (frozen, False), (fo, True)):
@@ -75,16 +80,18 @@ def assign(method: str, model: nn.Module) -> Groups:
 def fo_optimizer(name: str, params: Sequence[nn.Parameter], *, lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """The FO rule ``name``: plain SGD (``sgd``, the analysis'), AdamW (``adamw``), or SGD fused
-    into the backward pass (``fused-sgd``, lomo's: no momentum, which would be optimizer state)."""
-    if name == "fused-sgd":
+    into the backward pass (``fused-sgd``, lomo's: no momentum, which would be optimizer state), or
+    AdaLomo fused into it (``fused-adalomo``, adalomo's: no momentum either)."""
+    if name in ("fused-sgd", "fused-adalomo"):
         if momentum:
-            raise ValueError(f"SGD fused into backward (lomo) keeps no state, so no momentum; got {momentum}")
-        return FusedSGD(params, lr=lr, weight_decay=weight_decay)
+            raise ValueError(f"{name} updates inside backward and keeps no first moment, so no momentum; got {momentum}")
+        fused = FusedSGD if name == "fused-sgd" else FusedAdaLomo
+        return fused(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown FO optimizer {name!r}; choose sgd, adamw or fused-sgd")
+    raise ValueError(f"unknown FO optimizer {name!r}; choose sgd, adamw, fused-sgd or fused-adalomo")
 
 
 def build_optimizer(

@@ -48,13 +48,13 @@ class TrainConfig:
     cache_dir: str | None = _f(None, "where dequantized GGUF models are kept (default: $HYBRIDFT_CACHE_DIR or ~/.cache/hybridft)")
     task: str = _f("rotten_tomatoes", "task name (rotten_tomatoes, imdb, sst2, wsc, winogrande, winogrande_xs/s/m/l/xl, rte, cb, boolq, copa, wic, multirc) or a task file (.yaml)")
     data_dir: str | None = _f(None, "folder with local copies of the benchmark files (sst2/, wsc/, winogrande/, rte/, cb/, ...; default: $HYBRIDFT_DATA_DIR, else the datasets hub)")
-    method: str = _f("hybrid", "what is trained and how (lomo: every weight by SGD inside the backward pass, docs/lomo.md)", choices=METHODS)
+    method: str = _f("hybrid", "what is trained and how (lomo / adalomo: every weight by SGD / AdaLomo inside the backward pass, docs/lomo.md)", choices=METHODS)
     steps: int = _f(100, "optimizer steps (ignored when --epochs is set)")
     epochs: float | None = _f(None, "train for this many passes over the training set instead of --steps")
     batch_size: int = _f(16, "examples per step")
     grad_accum: int = _f(1, "micro-batches of --batch-size examples per step: one step on their union (the gradient and ZO estimate of K x --batch-size examples), with the activation memory of one micro-batch")
     zo_lr: float = _f(1e-6, "learning rate of the ZO group (base weights; adapter for zo-lora)")
-    fo_lr: float = _f(2e-3, "learning rate of the FO group (adapter + head; all weights for fo-full and lomo)")
+    fo_lr: float = _f(2e-3, "learning rate of the FO group (adapter + head; all weights for fo-full, lomo and adalomo; adalomo's is relative to each weight's RMS)")
     eps: float = _f(1e-3, "ZO perturbation scale")
     lr: str | None = _f(None, "auto: set zo-lr, fo-lr (plain SGD) and eps from a short smoothness measurement at the start (docs/theory.md)")
     smoothness: str | None = _f(None, "with --lr auto: use this smoothness.json (from hybridft smoothness) instead of measuring")
@@ -66,7 +66,7 @@ class TrainConfig:
     modules_to_save: str | None = _f(None, "comma-separated modules trained in full with the adapter, besides the new task head (e.g. pooler)")
     peft: str = _f("lora", "the adapter of hybrid, fo-lora and zo-lora: lora, ia3, prompt (prompt tuning), prefix (prefix tuning), none (the new task head alone), or a peft config file (adapter_config.json, or its folder)")
     num_virtual_tokens: int = _f(10, "virtual tokens of --peft prompt and prefix")
-    fo_optimizer: str = _f("adamw", "optimizer of the FO group (sgd: plain SGD as in the analysis; lomo always uses SGD fused into backward)", choices=("sgd", "adamw"))
+    fo_optimizer: str = _f("adamw", "optimizer of the FO group (sgd: plain SGD as in the analysis; lomo and adalomo always use their own rule, fused into backward)", choices=("sgd", "adamw"))
     fo_momentum: float = _f(0.0, "SGD momentum of the FO group (0: plain SGD, as in the analysis)")
     zo_weight_decay: float = _f(0.0, "weight decay of the ZO group")
     fo_weight_decay: float = _f(0.0, "weight decay of the FO group")
@@ -129,7 +129,7 @@ class TrainConfig:
             raise ValueError(f"{ZO_FLAGS.get(error.name, error.name)} {error.problem}") from None
 
     def fo_step(self) -> Callable[[list[Any]], Any]:
-        """The FO optimizer this config names, as params -> optimizer (lomo's: SGD fused into backward)."""
+        """The FO optimizer this config names, as params -> optimizer (lomo's and adalomo's: their rule fused into backward)."""
         name = FUSED_FO.get(self.method, self.fo_optimizer)
         return functools.partial(fo_optimizer, name, lr=self.fo_lr, momentum=self.fo_momentum,
                                  weight_decay=self.fo_weight_decay)
@@ -167,7 +167,7 @@ class TrainConfig:
             raise ValueError(f"--eval-every must be 0 or positive, got {self.eval_every}")
         if self.fused and self.method != "hybrid":
             raise ValueError(f"--fused needs a method with both a ZO and an FO part (hybrid), not {self.method}")
-        if (self.z_cache or self.embedding_rows) and self.method in ("fo-lora", "fo-full", "lomo"):
+        if (self.z_cache or self.embedding_rows) and self.method in ("fo-lora", "fo-full", "lomo", "adalomo"):
             raise ValueError(f"--z-cache and --embedding-rows need a method with a ZO part, not {self.method}")
         check_fused(self)
         if self.embedding_rows and self.grad_accum > 1:
@@ -191,14 +191,14 @@ class TrainConfig:
 
 
 def check_fused(config: TrainConfig) -> None:
-    """A method whose FO rule updates inside backward (lomo) takes no accumulation and no momentum."""
+    """A method whose FO rule updates inside backward (lomo, adalomo) takes no accumulation and no momentum."""
     if config.method not in FUSED_FO:
         return
     if config.grad_accum > 1:
         raise ValueError(f"--grad-accum must be 1 for --method {config.method}: it updates each weight inside "
                          f"backward, before a second micro-batch's gradient could be added")
     if config.fo_momentum:
-        raise ValueError(f"--fo-momentum must be 0 for --method {config.method}: its SGD keeps no state")
+        raise ValueError(f"--fo-momentum must be 0 for --method {config.method}: its rule keeps no first moment")
 
 
 def check_peft(config: TrainConfig) -> None:
