@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers.optimization import Adafactor
 
+from hybridft.engine import fused
 from hybridft.engine.fused import FusedAdaLomo
 from hybridft.engine.methods import assign, build_optimizer
 from hybridft.engine.methods import fo_optimizer as make_fo
@@ -28,8 +29,12 @@ def adalomo_setup(lr: float = 1e-2, weight_decay: float = 0.0):
     return model, groups, opt
 
 
+@pytest.mark.parametrize("square_chunk", [None, 1000])  # 1000: g^2's row and column means from slices of a few rows
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_three_adalomo_steps_are_three_adafactor_steps_without_a_first_moment(batch, weight_decay):
+def test_three_adalomo_steps_are_three_adafactor_steps_without_a_first_moment(batch, weight_decay, square_chunk,
+                                                                              monkeypatch):
+    if square_chunk is not None:
+        monkeypatch.setattr(fused, "_SQUARE_CHUNK", square_chunk)
     model, groups, opt = adalomo_setup(lr=1e-2, weight_decay=weight_decay)
     reference = copy.deepcopy(model)
     assert set(groups.fo) == {n for n, _ in model.named_parameters()} and not groups.zo  # every weight, FO

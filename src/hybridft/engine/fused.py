@@ -204,6 +204,24 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x.norm(2) / math.sqrt(x.numel())
 
 
+_SQUARE_CHUNK = 1 << 20  # elements of g^2 made at a time by _factored_square_means (4 MiB in float32)
+
+
+def _factored_square_means(g: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g^2 + eps).mean(-1)`` and ``.mean(-2)`` of a float32 ``g`` with two or more dims, built
+    from slices of at most ``_SQUARE_CHUNK`` squared entries: g^2 as a whole would be a temporary
+    the size of the weight (108 MiB for SmolLM2-135M's embedding), on top of its gradient."""
+    rows = g.shape[-2]
+    per = max(1, _SQUARE_CHUNK // max(1, g[..., :1, :].numel()))
+    row_sq = g.new_empty(g.shape[:-1])
+    col_sum = g.new_zeros(g.shape[:-2] + g.shape[-1:])
+    for start in range(0, rows, per):
+        part = g[..., start:start + per, :].square().add_(eps)
+        row_sq[..., start:start + per] = part.mean(dim=-1)
+        col_sum.add_(part.sum(dim=-2))
+    return row_sq, col_sum.div_(rows)
+
+
 def adalomo_(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], *, lr: float,
              weight_decay: float = 0.0, clip_value: float | None = None,
              eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
@@ -216,25 +234,25 @@ def adalomo_(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], *, lr: 
     g = grad.float()
     state["step"] = step = state.get("step", 0) + 1
     keep = 1.0 - step ** decay_rate
-    sq = g.square().add_(eps[0])
     if g.dim() >= 2:
         if "row" not in state:
             state["row"], state["col"] = g.new_zeros(g.shape[:-1]), g.new_zeros(g.shape[:-2] + g.shape[-1:])
         row, col = state["row"], state["col"]
-        row.mul_(keep).add_(sq.mean(dim=-1), alpha=1.0 - keep)
-        col.mul_(keep).add_(sq.mean(dim=-2), alpha=1.0 - keep)
+        row_sq, col_sq = _factored_square_means(g, eps[0])
+        row.mul_(keep).add_(row_sq, alpha=1.0 - keep)
+        col.mul_(keep).add_(col_sq, alpha=1.0 - keep)
         update = g.mul_((row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)).mul_(col.rsqrt().unsqueeze(-2))
     else:
         if "sq" not in state:
             state["sq"] = torch.zeros_like(g)
         v = state["sq"]
-        v.mul_(keep).add_(sq, alpha=1.0 - keep)
+        v.mul_(keep).addcmul_(g, g, value=1.0 - keep).add_((1.0 - keep) * eps[0])
         update = g.mul_(v.rsqrt())
     update.div_((rms(update) / clip_threshold).clamp_(min=1.0))
     weights = p.float() if p.dtype != torch.float32 else p
     scaled = rms(weights).clamp_(min=eps[1]).mul_(lr)
     if weight_decay:
-        weights.sub_(weights * scaled * weight_decay)
+        weights.mul_(1.0 - scaled * weight_decay)  # p - s wd p, without a weight-sized temporary
     weights.sub_(update.mul_(scaled))
     if weights is not p:
         p.copy_(weights)
