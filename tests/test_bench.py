@@ -110,6 +110,18 @@ def test_changed_grid_in_the_same_directory_is_refused(finished, bench_file, tmp
     assert f"different {field}" in capsys.readouterr().err
 
 
+def test_a_new_reference_reruns_nothing_and_pairs_against_it(finished, bench_file, tmp_path):
+    root = shutil.copytree(finished[1], tmp_path / "reference")
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")}
+    spec = yaml.safe_load(bench_file.read_text()) | {"output_dir": str(root), "reference": "fo-full"}
+    changed = tmp_path / "reference.yaml"
+    changed.write_text(yaml.safe_dump(spec))
+    run_bench(load_bench(changed), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")} == stamps
+    assert "Paired by seed against fo-full:" in (root / "results.md").read_text()
+    assert json.loads((root / "bench.json").read_text())["reference"] == "fo-full"
+
+
 def test_extended_grid_runs_only_the_new_cells(finished, bench_file, tmp_path):
     root = shutil.copytree(finished[1], tmp_path / "copy")
     stamps = {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")}

@@ -115,8 +115,8 @@ def _train_here(config: TrainConfig, log: Any, resume: bool, resolve_lr: Resolve
 
 def check_same_bench(bench: BenchConfig, root: Path) -> None:
     """A bench directory holds one grid. It may be extended (more models, tasks, methods, learning
-    rates, or seeds after the same selection seed): every finished cell keeps its settings, so it
-    stays valid. Any other change is refused. The directory's ``bench.json`` records the grid."""
+    rates, or seeds after the same selection seed) and its ``reference`` changed: every finished
+    cell keeps its settings, so it stays valid. Any other change is refused. The directory's ``bench.json`` records the grid."""
     saved_path = root / "bench.json"
     current = json.loads(json.dumps(dataclasses.asdict(bench) | {"output_dir": None}))
     if saved_path.exists():
@@ -132,6 +132,8 @@ def check_same_bench(bench: BenchConfig, root: Path) -> None:
 
 def _extends(key: str, old: Any, new: Any) -> bool:
     """Whether ``new`` is ``old`` or an extension of it that leaves every old cell as it was."""
+    if key == "reference":  # only the report's paired column depends on it, no cell does
+        return True
     if key in ("models", "tasks", "methods", "seeds"):
         return set(old) <= set(new) and (key != "seeds" or old[0] == new[0])  # seeds[0] chooses the learning rates
     if key == "variants":  # variants may be added; one that cells ran with keeps its settings
