@@ -184,8 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     from hybridft.study.plots import plot_run
 
                     print(f"plot: {plot_run(result.output_dir)}")
-            finally:
-                distributed.shutdown()
+            except BaseException:
+                distributed.shutdown(together=False)
+                raise
+            distributed.shutdown()
         elif args.command == "replay":
             from hybridft.run.replay import rebuild
 

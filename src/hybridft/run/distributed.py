@@ -73,9 +73,15 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     return world(), device
 
 
-def shutdown() -> None:
-    """Leave the process group, if this process is in one."""
+def shutdown(*, together: bool = True) -> None:
+    """Leave the process group, if this process is in one. ``together``: first wait at a barrier
+    until every rank is leaving (after a run that ended normally), so that no rank tears its gloo
+    connections down while a peer still uses them: a rank that exited first was seen to abort at
+    exit ("terminate called without an active exception"). After a failure there is no barrier: a
+    peer may be gone, and waiting for it would hang."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
