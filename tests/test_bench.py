@@ -137,6 +137,24 @@ def test_extended_grid_runs_only_the_new_cells(finished, bench_file, tmp_path):
     assert all("seed7" in str(p) for p in set(after) - set(stamps))
 
 
+def test_what_only_a_method_without_cells_reads_may_change_and_nothing_else(finished, bench_file, tmp_path, capsys):
+    root = shutil.copytree(finished[1], tmp_path / "unrun")
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")}
+    spec = yaml.safe_load(bench_file.read_text()) | {"output_dir": str(root)}
+    for lr in (1e-2, 3e-2):  # lomo and the variant are not among the methods: no cell read their settings
+        spec |= {"lr_grid": {**spec["lr_grid"], "lomo": {"fo-lr": [lr]}}, "per_method": {"lomo": {"fo-weight-decay": lr}},
+                 "variants": {"lomo-long": {"method": "lomo", "steps": int(lr * 300)}}}
+        run_bench(load_bench_spec(spec, tmp_path), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")} == stamps
+    saved = json.loads((root / "bench.json").read_text())
+    assert saved["lr_grid"]["lomo"] == {"fo_lr": [3e-2]} and saved["variants"]["lomo-long"]["steps"] == 9
+    spec["per_method"] = {"hybrid": {"fo-weight-decay": 0.1}}  # hybrid's cells ran without it
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(spec))
+    assert main(["bench", "--config", str(changed), "--no-progress"]) == 2
+    assert "different per_method" in capsys.readouterr().err
+
+
 def test_progress_counts_only_cells_the_bench_will_run(finished, tmp_path):
     bench, done = finished
     root = shutil.copytree(done, tmp_path / "copy")

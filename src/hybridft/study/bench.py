@@ -116,18 +116,31 @@ def _train_here(config: TrainConfig, log: Any, resume: bool, resolve_lr: Resolve
 def check_same_bench(bench: BenchConfig, root: Path) -> None:
     """A bench directory holds one grid. It may be extended (more models, tasks, methods, learning
     rates, or seeds after the same selection seed) and its ``reference`` changed: every finished
-    cell keeps its settings, so it stays valid. Any other change is refused. The directory's ``bench.json`` records the grid."""
+    cell keeps its settings, so it stays valid; the grid and settings of a method not yet among its
+    methods have no cells, so they may change too. Any other change is refused. The directory's
+    ``bench.json`` records the grid."""
     saved_path = root / "bench.json"
     current = json.loads(json.dumps(dataclasses.asdict(bench) | {"output_dir": None}))
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
         defaults = json.loads(json.dumps(dataclasses.asdict(BenchConfig("", (), ()))))  # a field newer than the file
-        differing = [k for k in current if not _extends(k, saved.get(k, defaults[k]), current[k])]
+        old = {k: saved.get(k, defaults[k]) for k in current}
+        new, ran = dict(current), _methods_with_cells(old)
+        for key in ("lr_grid", "per_method", "variants"):  # what only methods without cells read is not compared
+            old[key], new[key] = ({m: v for m, v in side[key].items() if m in ran} for side in (old, new))
+        differing = [k for k in current if not _extends(k, old[k], new[k])]
         if differing:
             raise ValueError(f"{root} holds a bench with a different {differing[0]} (a grid may only gain models, "
                              "tasks, methods, learning rates or later seeds); use another --output-dir")
     root.mkdir(parents=True, exist_ok=True)
     saved_path.write_text(json.dumps(current, indent=2))
+
+
+def _methods_with_cells(saved: dict[str, Any]) -> set[str]:
+    """The method names whose grid and settings a saved bench's cells may have read: its methods
+    and, for its variants, the methods they run."""
+    methods = set(saved["methods"])
+    return methods | {v["method"] for name, v in saved["variants"].items() if name in methods}
 
 
 def _extends(key: str, old: Any, new: Any) -> bool:
