@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hybridft.engine.fused import FusedSGD
 from hybridft.run.distributed import DataParallel, World
 
 
@@ -16,6 +17,22 @@ def identical(parallel: DataParallel, module: nn.Module) -> str:
     except RuntimeError as error:
         return str(error)
     return "same"
+
+
+def fused_step(rank: int, size: int, examples: int, scale: float) -> tuple[torch.Tensor, bool, dict[str, int]]:
+    """One FusedSGD step (lr 1, weights 0) whose loss on rank r has gradient ``scale`` (r + 1) on
+    every weight, through ``DataParallel.in_backward``: the weights after it, whether the ranks
+    agreed to back-propagate, and the bytes sent."""
+    layer = nn.Linear(3, 2, bias=False)
+    nn.init.zeros_(layer.weight)
+    parallel = DataParallel(World(rank, size), torch.device("cpu"), [layer.weight])
+    optimizer = FusedSGD(layer.parameters(), lr=1.0)
+    optimizer.sync = parallel.in_backward(examples)
+    loss = (layer.weight * scale * (rank + 1)).sum()
+    agreed = optimizer.may_backward(loss)
+    if agreed:
+        loss.backward()
+    return layer.weight.detach().clone(), agreed, parallel.sent
 
 
 def run(rank: int, size: int, init_file: str, results: str) -> None:
@@ -31,6 +48,8 @@ def run(rank: int, size: int, init_file: str, results: str) -> None:
     torch.manual_seed(100 + rank)
     own, gathered = torch.get_rng_state(), parallel.rng_states()["ranks"]
     torch.save({"rng_ok": [bool(torch.equal(g["cpu"], own)) for g in gathered], "grad": layer.weight.grad, "scalars": scalars, "sent": parallel.sent,
-                "same": identical(parallel, layer), "different": identical(parallel, other)},
+                "same": identical(parallel, layer), "different": identical(parallel, other),
+                "fused": fused_step(rank, size, examples, 1.0),
+                "fused_one_nan": fused_step(rank, size, examples, float("nan") if rank == 1 else 1.0)},
                f"{results}/{rank}.pt")
     dist.destroy_process_group()

@@ -91,6 +91,27 @@ def test_two_ranks_with_batch_b_end_as_one_process_with_batch_2b(tiny_bert_fp64_
     assert config["ddp_full_finetuning_bytes_per_step"] == 8 * trained
 
 
+def test_lomo_on_two_ranks_with_batch_b_ends_as_one_process_with_batch_2b(tiny_bert_fp64_dir, tmp_path):
+    # every weight is updated inside backward: its gradient is averaged across ranks in its hook
+    common = dict(model=str(tiny_bert_fp64_dir), method="lomo", fo_lr=0.05, dtype="float64", train_size=37,
+                  dev_size=24, steps=6, eval_every=3, checkpoint_every=3, threads=1, progress=False, plot=False)
+    train(TrainConfig(**common, batch_size=8, output_dir=str(tmp_path / "one")))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if not isinstance(v, bool)]
+    done = torchrun(2, [*flags, "--batch-size=4", f"--output-dir={tmp_path / 'two'}", "--no-progress", "--no-plot"])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    one, two = (load_file(tmp_path / d / "model/model.safetensors") for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    for key in one:
+        assert (one[key] - two[key]).norm() <= 1e-9 * one[key].norm() + 1e-12, key
+    halfway, end = (load_file(tmp_path / "two" / f"checkpoints/step-{n:08d}/model.safetensors") for n in (3, 6))
+    assert min(float((end[k] - halfway[k]).abs().max()) for k in end if "encoder" in k) > 0  # every layer trained
+    config = json.loads((tmp_path / "two" / "config.json").read_text())["resolved"]
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert {r["sent_bytes_fo"] for r in records} == {8 * config["fo_parameters"]}  # every gradient, float64
+
+
 def test_step_all_reduce_weights_by_examples_rng_states_are_gathered_and_differing_weights_caught(tmp_path):
     import torch.multiprocessing as mp
 
@@ -105,6 +126,12 @@ def test_step_all_reduce_weights_by_examples_rng_states_are_gathered_and_differi
         assert result["sent"] == {"fo": 6 * 4, "zo": 4, "scalars": 8}
         assert result["same"] == "same"
         assert "2 parameters differ across ranks (first: weight)" in result["different"]
+        # lomo's sync: each gradient averaged 3:1 in its hook, before the update (lr 1 from 0)
+        weight, agreed, sent = result["fused"]
+        assert agreed and torch.equal(weight, torch.full((2, 3), -(3 * 1 + 1 * 2) / 4))
+        assert sent == {"fo": 6 * 4, "zo": 0, "scalars": 2 * 8}
+        weight, agreed, _ = result["fused_one_nan"]  # rank 1's loss is NaN: neither rank back-propagates
+        assert not agreed and torch.equal(weight, torch.zeros(2, 3))
 
 
 def start_torchrun(ranks: int, args: list[str]) -> subprocess.Popen:

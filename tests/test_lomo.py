@@ -21,8 +21,6 @@ from hybridft.engine.methods import fo_optimizer as make_fo
 from hybridft.engine.schedules import scheduler
 from hybridft.run import checkpoint
 from hybridft.run.closure import loss_closure
-from hybridft.run.config import TrainConfig
-from hybridft.run.train import build
 from tests.conftest import tiny_bert
 from tests.test_cli import TINY, assert_refused
 from tests.test_resume import assert_bitwise_equal, metrics_without_time
@@ -194,13 +192,3 @@ def test_what_a_fused_method_cannot_do_is_a_one_line_exit_2(tiny_bert_dir, tmp_p
     assert_refused(["train", "--model", str(tiny_bert_dir), "--output-dir", str(out), "--method", method, *TINY, *flags],
                    capsys, message.format(method=method))
     assert not out.exists()
-
-
-@pytest.mark.parametrize("method", ["lomo", "adalomo"])
-def test_a_fused_method_on_several_ranks_is_refused_before_joining_a_process_group(tiny_bert_dir, monkeypatch, method):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    config = TrainConfig(model=str(tiny_bert_dir), method=method, train_size=16, dev_size=8, batch_size=4, progress=False)
-    with pytest.raises(ValueError, match="run it in one process, not on 2 ranks") as error:
-        build(config)
-    assert len(str(error.value).splitlines()) == 1 and not torch.distributed.is_initialized()

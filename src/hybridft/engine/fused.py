@@ -55,8 +55,12 @@ What updating inside backward rules out, and what is done instead:
   backward is applied (checking each gradient would cost one device sync per parameter): the
   next losses are then non-finite, those steps are skipped, and a run stops after
   ``--max-bad-steps`` with its last checkpoint intact (a checkpoint refuses non-finite weights).
-- data parallelism: every gradient would need its own all-reduce inside its hook; not done,
-  ``hybridft train`` refuses both methods on several ranks.
+- data parallelism: each gradient is averaged across ranks inside its own hook, before it is
+  applied (``sync``: one all-reduce per parameter, |theta| values per step in all, as DDP sends;
+  ``hybridft.run.distributed.DataParallel.in_backward``), so every rank applies the same update
+  to the same weights. Whether the loss may be back-propagated is then decided by all ranks
+  together (``may_backward``: one all-reduce of two numbers), or a rank that skips backward
+  would leave the others waiting in a hook.
 - a weight saved for backward by an op that does not differentiate it (a detached use) would be
   read after its update; autograd's version counter turns that into an error, never a silent one.
 
@@ -70,7 +74,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -85,6 +89,16 @@ def sgd_(p: torch.Tensor, grad: torch.Tensor, *, lr: float, weight_decay: float 
     if weight_decay:
         grad.add_(p, alpha=weight_decay)
     p.add_(grad, alpha=-lr)
+
+
+class GradientSync(Protocol):
+    """How a fused optimizer's ranks agree within one step (data parallelism; ``DataParallel.in_backward``)."""
+
+    def agree(self, finite: bool) -> bool:
+        """Whether every rank's loss is finite (collective: every rank calls it once per backward)."""
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        """Replace this rank's ``grad`` by the gradient of the whole batch, in place (collective)."""
 
 
 class _Fused(torch.optim.Optimizer):
@@ -103,6 +117,7 @@ class _Fused(torch.optim.Optimizer):
         self._group_of: dict[torch.Tensor, int] = {}
         self._hooks: list[RemovableHandle] = []
         self.num_steps = 0
+        self.sync: GradientSync | None = None  # several ranks: set for each step (module docstring)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -124,7 +139,16 @@ class _Fused(torch.optim.Optimizer):
         grad, p.grad = p.grad, None
         if grad is None:
             return
+        if self.sync is not None:
+            self.sync(grad)
         self._apply_(p, grad, self.param_groups[self._group_of[p]])
+
+    def may_backward(self, loss: torch.Tensor) -> bool:
+        """Whether a closure may back-propagate ``loss``, whose backward applies the update: only a
+        finite one, and with ``sync`` only if every rank's is finite (all ranks back-propagate or
+        none does). Cost: one device sync; with ``sync`` one all-reduce of two numbers."""
+        finite = bool(torch.isfinite(loss).all())
+        return self.sync.agree(finite) if self.sync is not None else finite
 
     def _apply_(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError

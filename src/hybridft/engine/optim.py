@@ -147,6 +147,11 @@ class HybridOptimizer(torch.optim.Optimizer):
         closure must not back-propagate a non-finite loss, since this step could not undo it."""
         return bool(getattr(self.fo_optimizer, "updates_in_backward", False))
 
+    def may_backward(self, loss: torch.Tensor) -> bool:
+        """Whether the closure may back-propagate ``loss``: the fused FO rule's answer
+        (``fused._Fused.may_backward``), else always (this step's guard skips a non-finite one)."""
+        return self.fo_optimizer.may_backward(loss) if self.updates_in_backward else True  # type: ignore[union-attr]
+
     @property
     def zo_group(self) -> dict[str, Any]:
         return self.param_groups[0]

@@ -18,9 +18,10 @@ activation memory of one micro-batch.
 
 An optimizer that updates inside backward (``updates_in_backward``: lomo's ``FusedSGD``) is never
 given a non-finite loss to back-propagate (``backward_``), since no guard could undo its update:
-the step's loss then says the step is skipped, and nothing was applied. Cost: one device sync per
-backward. Other optimizers back-propagate it (their step guard skips it; data-parallel ranks must
-all reduce the same gradients).
+the step's loss then says the step is skipped, and nothing was applied; on several ranks the
+ranks decide together (``may_backward``). Cost: one device sync per backward. Other optimizers
+back-propagate it (their step guard skips it; data-parallel ranks must all reduce the same
+gradients).
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def loss_closure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
 
 def backward_(value: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
     """``value.backward()`` when grad is enabled, unless ``optimizer`` updates inside backward
-    and ``value`` is not finite (module docstring)."""
+    and ``value`` is not finite (with several ranks: on any rank; module docstring)."""
     if not torch.is_grad_enabled():
         return
-    if getattr(optimizer, "updates_in_backward", False) and not bool(torch.isfinite(value).all()):
+    if getattr(optimizer, "updates_in_backward", False) and not optimizer.may_backward(value):  # type: ignore[attr-defined]
         return
     value.backward()
 

@@ -15,6 +15,11 @@ every rank applies the same update theta <- theta - lr/q sum_i g_i z_i to the sa
 the base weights stay bitwise identical without any of them, or their gradient, being
 sent. Bytes per step: 4 |phi| + 4 (q + 2) in fp32, against 4 |theta| + 4 |phi| for DDP full
 fine-tuning (payload per rank; a ring all-reduce sends 2 (R-1)/R times the payload).
+
+lomo and adalomo update each weight inside backward (``engine/fused.py``), before a step-end
+all-reduce could average its gradient: there each gradient is averaged in its own hook
+(``DataParallel.in_backward``), after the ranks agreed that every loss is finite. Bytes per
+step: 4 |theta| (float32), DDP's, in one all-reduce per parameter.
 """
 
 from __future__ import annotations
@@ -132,6 +137,14 @@ class DataParallel:
 
         return reduce
 
+    def in_backward(self, examples: int) -> InBackward:
+        """The ``sync`` of one step of an optimizer that updates inside backward (lomo, adalomo;
+        ``fused._Fused.sync``) on ``examples`` local examples: the ranks first agree whether the
+        loss is finite everywhere (and learn N), then each gradient is replaced, in its hook, by
+        its example-weighted mean over ranks. Cost: one all-reduce of 2 values, then one per
+        parameter, |theta| values per step in all (what DDP sends for full fine-tuning)."""
+        return InBackward(self, examples)
+
     def mean(self, value: float, weight: float) -> float:
         """The ``weight``-weighted mean of ``value`` over ranks (e.g. accuracy over dev slices)."""
         buffer = torch.tensor([value * weight, weight], dtype=torch.float64, device=self.device)
@@ -167,6 +180,41 @@ class DataParallel:
         if differ:
             raise RuntimeError(f"{len(differ)} parameters differ across ranks (first: {differ[0]}); "
                                "every rank must load the same model with the same seed")
+
+
+@dataclass
+class InBackward:
+    """One step's gradient sync for a fused optimizer (``DataParallel.in_backward``); the bytes
+    and seconds it spends are counted in its ``parallel``'s ``sent`` ("fo", "scalars") and ``seconds``."""
+
+    parallel: DataParallel
+    examples: int
+    total: float | None = None  # N, the examples of all ranks, once the ranks agreed
+
+    def agree(self, finite: bool) -> bool:
+        """Whether the loss is finite on every rank; learns N. Collective."""
+        buffer = torch.tensor([float(self.examples), 0.0 if finite else 1.0], dtype=torch.float64,
+                              device=self.parallel.device)
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        self.total, bad = buffer.tolist()
+        self.parallel.seconds += time.perf_counter() - start
+        self.parallel.sent["scalars"] += 2 * buffer.element_size()
+        return bad == 0
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        """``grad`` <- sum_r n_r grad_r / N, in place (in at least float32). Collective."""
+        if self.total is None:
+            raise RuntimeError("the ranks must agree on the loss (agree) before any gradient is reduced")
+        dtype = torch.promote_types(torch.float32, grad.dtype)
+        buffer = grad.to(dtype).mul_(self.examples)  # grad itself in float32/64, else a float32 copy
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        self.parallel.seconds += time.perf_counter() - start
+        buffer.div_(self.total)
+        self.parallel.sent["fo"] += buffer.numel() * buffer.element_size()
+        if buffer is not grad:
+            grad.copy_(buffer)
 
 
 def _digest(tensor: torch.Tensor) -> int:

@@ -25,7 +25,7 @@ from hybridft.run.output import LOGS, check_output_dir, log, open_logs, prepare_
 from hybridft.run.config import TrainConfig
 from hybridft.data.formulations import Formulation, formulation
 from hybridft.engine.adapters import wrap
-from hybridft.engine.methods import FUSED_FO, USES_ADAPTER, Groups, assign, build_optimizer
+from hybridft.engine.methods import USES_ADAPTER, Groups, assign, build_optimizer
 from hybridft.data.models import context_length, load, model_kind, resolve
 from hybridft.engine.optim import HybridOptimizer
 from hybridft.engine.sampler import ReshufflingSampler
@@ -145,9 +145,6 @@ def build(config: TrainConfig, *, resolve_lr: ResolveLr | None = None) -> Run:
         raise ValueError("--lr auto needs a step-size resolver: pass resolve_lr=hybridft.theory.auto.resolve_lr")
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.method in FUSED_FO and distributed.world().size > 1:  # before joining the process group
-        raise ValueError(f"--method {config.method} updates each weight inside backward, before its gradient could be "
-                         f"all-reduced across ranks; run it in one process, not on {distributed.world().size} ranks")
     world, device = distributed.init(pick_device(config.device))
     torch.manual_seed(config.seed)  # head initialisation and dropout; ZO directions never use it
 
@@ -192,6 +189,8 @@ def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
     parallel = run.data_parallel
     sent, waited = (dict(parallel.sent), parallel.seconds) if parallel else ({}, 0.0)
     reduce = parallel.reducer(len(indices)) if parallel else None
+    if parallel and run.optimizer.updates_in_backward:  # lomo, adalomo: gradients are averaged in their hooks
+        run.optimizer.fo_optimizer.sync = parallel.in_backward(len(indices))
     closure = step_closure(run.model, run.optimizer, run.formulation, run.batch, indices,
                            grad_accum=run.config.grad_accum, fused=run.config.fused)
     loss = float(run.optimizer.step(closure, reduce=reduce))
