@@ -185,7 +185,10 @@ class DataParallel:
 @dataclass
 class InBackward:
     """One step's gradient sync for a fused optimizer (``DataParallel.in_backward``); the bytes
-    and seconds it spends are counted in its ``parallel``'s ``sent`` ("fo", "scalars") and ``seconds``."""
+    and seconds it spends are counted in its ``parallel``'s ``sent`` ("fo", "scalars") and ``seconds``.
+    A gradient's all-reduce is timed without waiting for the device (a sync per parameter would
+    stall backward), so on CUDA, where nccl returns before the data has moved, its seconds count
+    only the launch; gloo on CPU returns when it is done."""
 
     parallel: DataParallel
     examples: int
