@@ -101,13 +101,25 @@ def test_rerun_resumes_without_rerunning_finished_cells(finished, bench_file):
 
 
 @pytest.mark.parametrize("change, field", [({"seeds": [1, 0]}, "seeds"), ({"train": {"steps": 3}}, "train"),
-                                           ({"lr_grid": {}}, "lr_grid")])
+                                           ({"lr_grid": {}}, "lr_grid"), ({"isolate": True}, "isolate")])
 def test_changed_grid_in_the_same_directory_is_refused(finished, bench_file, tmp_path, capsys, change, field):
     spec = yaml.safe_load(bench_file.read_text()) | change
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(spec))
     assert main(["bench", "--config", str(changed), "--no-progress"]) == 2
-    assert f"different {field}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"different {field}" in err or f"with {field} False: cells run in the bench's own process" in err
+
+
+def test_keep_models_may_change_in_the_same_directory(finished, bench_file, tmp_path):
+    bench, root = finished
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")}
+    spec = yaml.safe_load(bench_file.read_text()) | {"keep_models": True}
+    changed = tmp_path / "keep.yaml"
+    changed.write_text(yaml.safe_dump(spec))
+    assert main(["bench", "--config", str(changed), "--no-progress"]) == 0  # no finished cell read it
+    assert {p: p.stat().st_mtime_ns for p in (root / "cells").glob("**/eval.json")} == stamps
+    assert json.loads((root / "bench.json").read_text())["keep_models"] is True
 
 
 def test_a_new_reference_reruns_nothing_and_pairs_against_it(finished, bench_file, tmp_path):

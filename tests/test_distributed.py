@@ -91,9 +91,12 @@ def test_two_ranks_with_batch_b_end_as_one_process_with_batch_2b(tiny_bert_fp64_
     assert config["ddp_full_finetuning_bytes_per_step"] == 8 * trained
 
 
-def test_lomo_on_two_ranks_with_batch_b_ends_as_one_process_with_batch_2b(tiny_bert_fp64_dir, tmp_path):
+@pytest.mark.parametrize(("method", "fo_lr"), [("lomo", 0.05), ("adalomo", 1e-3)])
+def test_fused_method_on_two_ranks_with_batch_b_ends_as_one_process_with_batch_2b(tiny_bert_fp64_dir, tmp_path,
+                                                                                   method, fo_lr):
     # every weight is updated inside backward: its gradient is averaged across ranks in its hook
-    common = dict(model=str(tiny_bert_fp64_dir), method="lomo", fo_lr=0.05, dtype="float64", train_size=37,
+    # (adalomo's factored second moments then see the same mean gradient on every rank)
+    common = dict(model=str(tiny_bert_fp64_dir), method=method, fo_lr=fo_lr, dtype="float64", train_size=37,
                   dev_size=24, steps=6, eval_every=3, checkpoint_every=3, threads=1, progress=False, plot=False)
     train(TrainConfig(**common, batch_size=8, output_dir=str(tmp_path / "one")))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if not isinstance(v, bool)]

@@ -117,7 +117,8 @@ def check_same_bench(bench: BenchConfig, root: Path) -> None:
     """A bench directory holds one grid. It may be extended (more models, tasks, methods, learning
     rates, or seeds after the same selection seed) and its ``reference`` changed: every finished
     cell keeps its settings, so it stays valid; the grid and settings of a method not yet among its
-    methods have no cells, so they may change too. Any other change is refused. The directory's
+    methods have no cells, so they may change too, and so may ``keep_models``. Any other change is
+    refused (``isolate`` too: peak memory means something else in and out of process). The directory's
     ``bench.json`` records the grid."""
     saved_path = root / "bench.json"
     current = json.loads(json.dumps(dataclasses.asdict(bench) | {"output_dir": None}))
@@ -129,6 +130,10 @@ def check_same_bench(bench: BenchConfig, root: Path) -> None:
         for key in ("lr_grid", "per_method", "variants"):  # what only methods without cells read is not compared
             old[key], new[key] = ({m: v for m, v in side[key].items() if m in ran} for side in (old, new))
         differing = [k for k in current if not _extends(k, old[k], new[k])]
+        if "isolate" in differing:  # on CPU a cell's peak memory is its process's peak RSS
+            raise ValueError(f"{root} holds a bench with isolate {old['isolate']}: cells run in the bench's own "
+                             "process report a peak memory that includes earlier cells', so a bench cannot mix "
+                             "the two; use another --output-dir")
         if differing:
             raise ValueError(f"{root} holds a bench with a different {differing[0]} (a grid may only gain models, "
                              "tasks, methods, learning rates or later seeds); use another --output-dir")
@@ -145,7 +150,7 @@ def _methods_with_cells(saved: dict[str, Any]) -> set[str]:
 
 def _extends(key: str, old: Any, new: Any) -> bool:
     """Whether ``new`` is ``old`` or an extension of it that leaves every old cell as it was."""
-    if key == "reference":  # only the report's paired column depends on it, no cell does
+    if key in ("reference", "keep_models"):  # the report's paired column, what later cells leave on disk: no result
         return True
     if key in ("models", "tasks", "methods", "seeds"):
         return set(old) <= set(new) and (key != "seeds" or old[0] == new[0])  # seeds[0] chooses the learning rates
