@@ -115,6 +115,44 @@ def test_hybrid_optimizer_shares_the_fused_group_with_a_scheduler(batch):
     assert lrs == pytest.approx([0.0375, 0.025])
 
 
+class ZeroingSync:
+    """A stand-in for ``DataParallel.in_backward``: agrees, counts the gradients it sees and
+    replaces each by zero (so a step through it applies nothing)."""
+
+    def __init__(self) -> None:
+        self.agreed, self.gradients = 0, 0
+
+    def agree(self, finite: bool) -> bool:
+        self.agreed += 1
+        return finite
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self.gradients += 1
+        grad.zero_()
+
+
+def test_a_step_gives_its_sync_to_the_fused_rule_for_that_step_only(batch):
+    model, _, opt = lomo_setup(lr=0.05)
+    before = copy.deepcopy(model.state_dict())
+    sync = ZeroingSync()
+    opt.step(loss_closure(model, opt, batch, eval_loss), sync=sync)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert sync.agreed == 1 and sync.gradients == len(trained) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # every gradient went through it
+    assert opt.fo_optimizer.sync is None
+    opt.step(loss_closure(model, opt, batch, eval_loss))  # no sync: this step updates
+    assert sync.gradients == len(trained)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_sync_for_a_rule_that_steps_after_backward_is_refused(batch):
+    model = tiny_bert(seed=0).eval()
+    groups = assign("fo-full", model)
+    opt = build_optimizer(model, groups, zo_lr=1e-3, seed=0, fo=functools.partial(make_fo, "sgd", lr=0.1))
+    with pytest.raises(ValueError, match="sync is for an FO rule that updates inside backward"):
+        opt.step(loss_closure(model, opt, batch, eval_loss), sync=ZeroingSync())
+
+
 def test_clipping_by_value_clamps_each_gradient_before_the_update():
     p = torch.nn.Parameter(torch.zeros(3))
     FusedSGD([p], lr=1.0, clip_value=0.5)

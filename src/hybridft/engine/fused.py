@@ -57,7 +57,8 @@ What updating inside backward rules out, and what is done instead:
   ``--max-bad-steps`` with its last checkpoint intact (a checkpoint refuses non-finite weights).
 - data parallelism: each gradient is averaged across ranks inside its own hook, before it is
   applied (``sync``: one all-reduce per parameter, |theta| values per step in all, as DDP sends;
-  ``hybridft.run.distributed.DataParallel.in_backward``), so every rank applies the same update
+  ``hybridft.run.distributed.DataParallel.in_backward``, given for one step by
+  ``HybridOptimizer.step(closure, sync=...)``), so every rank applies the same update
   to the same weights. Whether the loss may be back-propagated is then decided by all ranks
   together (``may_backward``: one all-reduce of two numbers), or a rank that skips backward
   would leave the others waiting in a hook.

@@ -57,6 +57,7 @@ from torch import nn
 
 from hybridft.engine.directions import DirectionSampler, Directions
 from hybridft.engine.estimators import Estimator, TwoSided
+from hybridft.engine.fused import GradientSync
 from hybridft.engine.perturb import perturbed
 from hybridft.engine.rng import parameter_key, rng_state, set_rng_state
 from hybridft.engine.rules import UpdateRule, ZOSGD
@@ -185,16 +186,32 @@ class HybridOptimizer(torch.optim.Optimizer):
         return update
 
     def step(self, closure: Closure | None = None, *,  # type: ignore[override]
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             sync: GradientSync | None = None) -> torch.Tensor:
         """One hybrid step on the closure's batch; returns the loss at (theta, phi)
         (for a ZO-only step, the mean of the perturbed losses).
 
         ``reduce`` (data parallelism, see ``distributed.py``) is called once, after every
         evaluation and before any update, with this process's step scalars as a float64 tensor
         [g_1, .., g_q, loss] (no g without a ZO set) and returns their values over all ranks;
-        it may average the FO gradients in the same collective."""
+        it may average the FO gradients in the same collective. ``sync`` (data parallelism with
+        an FO rule that updates inside backward) is that rule's ``sync`` for this step only
+        (``fused._Fused.sync``: it averages each gradient over ranks in its hook)."""
         if closure is None:
             raise ValueError("HybridOptimizer.step needs a closure that recomputes the loss")
+        if sync is None:
+            return self._step(closure, reduce)
+        if not self.updates_in_backward:
+            raise ValueError("sync is for an FO rule that updates inside backward (lomo, adalomo); "
+                             f"this step's FO rule is {type(self.fo_optimizer).__name__}: pass reduce instead")
+        fused: Any = self.fo_optimizer
+        fused.sync = sync
+        try:
+            return self._step(closure, reduce)
+        finally:
+            fused.sync = None
+
+    def _step(self, closure: Closure, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         self._rng_start, self._rng_end, self._modes = rng_state(self.cuda_devices), None, set()
         loss: torch.Tensor | None = None
         grads, directions = None, []

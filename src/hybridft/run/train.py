@@ -189,11 +189,11 @@ def train_step(run: Run, step: int, indices: list[int]) -> dict[str, Any]:
     parallel = run.data_parallel
     sent, waited = (dict(parallel.sent), parallel.seconds) if parallel else ({}, 0.0)
     reduce = parallel.reducer(len(indices)) if parallel else None
-    if parallel and run.optimizer.updates_in_backward:  # lomo, adalomo: gradients are averaged in their hooks
-        run.optimizer.fo_optimizer.sync = parallel.in_backward(len(indices))
+    # lomo, adalomo: each gradient is averaged over ranks in its own hook
+    sync = parallel.in_backward(len(indices)) if parallel and run.optimizer.updates_in_backward else None
     closure = step_closure(run.model, run.optimizer, run.formulation, run.batch, indices,
                            grad_accum=run.config.grad_accum, fused=run.config.fused)
-    loss = float(run.optimizer.step(closure, reduce=reduce))
+    loss = float(run.optimizer.step(closure, reduce=reduce, sync=sync))
     run.lr_scheduler.step()
     update = run.optimizer.last_update
     return {
