@@ -153,6 +153,13 @@ def test_a_sync_for_a_rule_that_steps_after_backward_is_refused(batch):
         opt.step(loss_closure(model, opt, batch, eval_loss), sync=ZeroingSync())
 
 
+def test_the_refusal_of_a_sync_names_a_zo_only_optimizer_as_having_no_fo_rule(batch):
+    model = tiny_bert(seed=0).eval()
+    opt = build_optimizer(model, assign("zo-full", model), zo_lr=1e-3, seed=0)
+    with pytest.raises(ValueError, match=r"FO rule is none \(ZO only\)"):
+        opt.step(loss_closure(model, opt, batch, eval_loss), sync=ZeroingSync())
+
+
 def test_clipping_by_value_clamps_each_gradient_before_the_update():
     p = torch.nn.Parameter(torch.zeros(3))
     FusedSGD([p], lr=1.0, clip_value=0.5)

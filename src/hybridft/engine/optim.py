@@ -202,8 +202,10 @@ class HybridOptimizer(torch.optim.Optimizer):
         if sync is None:
             return self._step(closure, reduce)
         if not self.updates_in_backward:
+            rule = ("none (ZO only)" if self.fo_optimizer is None
+                    else type(self.fo_optimizer).__name__)
             raise ValueError("sync is for an FO rule that updates inside backward (lomo, adalomo); "
-                             f"this step's FO rule is {type(self.fo_optimizer).__name__}: pass reduce instead")
+                             f"this step's FO rule is {rule}: pass reduce instead")
         fused: Any = self.fo_optimizer
         fused.sync = sync
         try:
